@@ -1,0 +1,172 @@
+"""Command line: sub-commands parse, validate and dispatch; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .config import ALIASES, ConfigError, TrainConfig, describe, load_yaml, parse_cli_pairs, resolve
+
+USAGE = """usage: fewstep <command> [options]
+
+commands:
+  distill    distil a teacher into a few-step student   (fewstep distill --help)
+  sample     generate images with a trained student     (fewstep sample --help)
+  methods    list the distillation methods
+"""
+
+
+def _method_configs():
+    from .methods import REGISTRY
+
+    return {name: cls.Config for name, cls in REGISTRY.items()}
+
+
+def parse_run(argv: list[str]):
+    """YAML (--config) first, command-line flags on top; returns a validated RunSpec."""
+    import dataclasses
+
+    mconfigs = _method_configs()
+    bool_keys = {f.name for c in [TrainConfig, *mconfigs.values()] for f in dataclasses.fields(c)
+                 if f.type in ("bool", bool)}
+    bool_keys |= {a for a, k in ALIASES.items() if k in bool_keys}
+    raw: dict = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a YAML file")
+        raw.update(load_yaml(argv[i + 1]))
+        argv = argv[:i] + argv[i + 2:]
+    raw.update(parse_cli_pairs(argv, bool_keys))
+    return resolve(raw, mconfigs)
+
+
+def dry_run(spec) -> int:
+    """Everything but training: configs of every model part, one data sample, disk space."""
+    import yaml
+
+    from .data import build_dataset
+    from .models.bundle import free_disk_bytes, load_bundle
+
+    cfg = spec.train
+    bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
+                         vae_path=cfg.pretrained_vae_model_name_or_path, weights=False)
+    ds = build_dataset(cfg)
+    sample = next(iter(ds)) if hasattr(ds, "__iter__") and not hasattr(ds, "__getitem__") else ds[0]
+    if "_bad" in sample:
+        raise ConfigError(f"the first data sample is unusable ({sample['_bad']}): {sample['_where']}")
+    free = free_disk_bytes(cfg.output_dir)
+    unet = bundle.unet
+    print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    print(f"teacher: {bundle.root} (family {bundle.family}, UNet in={unet['in_channels']} "
+          f"cross_attention_dim={unet['cross_attention_dim']}, prediction_type={bundle.schedule.prediction_type})")
+    print(f"data: {type(ds).__name__}, first sample {tuple(sample['pixel_values'].shape)} "
+          f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else ""))
+    print(f"free disk at {cfg.output_dir}: {free / 2**30:.1f} GiB")
+    if free < 2**30:
+        print("warning: less than 1 GiB free for checkpoints and the exported student", file=sys.stderr)
+    print("dry run OK: nothing was trained")
+    return 0
+
+
+def cmd_distill(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        from .methods import REGISTRY
+
+        print("usage: fewstep distill [--config run.yaml] --method NAME --pretrained_teacher_model DIR "
+              "--output_dir OUT [--key value ...]\n\ncommon options (default, help):")
+        print(describe(TrainConfig))
+        for name, cls in REGISTRY.items():
+            print(f"\n--method {name} options:")
+            print(describe(cls.Config))
+        print("\naliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items()))
+        return 0
+    spec = parse_run(argv)
+    if spec.train.dry_run:
+        return dry_run(spec)
+    from .training.trainer import Trainer
+
+    out = Trainer(spec).train()
+    if out is not None:
+        print(f"student saved in {out}")
+    return 0
+
+
+def cmd_sample(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fewstep sample", description="Generate images with a fewstep student.")
+    p.add_argument("--model", required=True, help="folder written by fewstep distill (a diffusers pipeline)")
+    p.add_argument("--prompt", required=True, action="append", help="repeat for several images")
+    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--guidance_scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--scheduler", default=None, help="lcm, ddim, dpm++, euler (default: the folder's own)")
+    p.add_argument("--output", default="sample.png", help="PNG path; several prompts make a row")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    import torch
+    from PIL import Image
+
+    from .diffusion.sampling import make_scheduler, sample_images
+    from .models.bundle import load_bundle
+    from .training.trainer import image_grid
+
+    bundle = load_bundle(a.model)
+    hints_path = Path(a.model) / "fewstep_sampling.json"
+    hints = json.loads(hints_path.read_text()) if hints_path.is_file() else {}
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bundle.to(device)
+    if a.scheduler:
+        sched = make_scheduler(a.scheduler, bundle.scheduler_config)
+    else:
+        import diffusers
+
+        cls = getattr(diffusers, bundle.scheduler_config.get("_class_name", "DDPMScheduler"))
+        sched = cls.from_config(bundle.scheduler_config)
+    steps = a.num_inference_steps or hints.get("num_inference_steps", 4)
+    gs = a.guidance_scale if a.guidance_scale is not None else hints.get("guidance_scale", 1.0)
+    res = a.resolution or bundle.unet.config.sample_size * bundle.vae_scale
+    imgs = sample_images(bundle, bundle.unet, sched, a.prompt, [a.seed + i for i in range(len(a.prompt))],
+                         steps, gs, res, res)
+    Image.fromarray(image_grid([imgs])).save(a.output)
+    print(f"{a.output}: {len(a.prompt)} image(s), {steps} steps, guidance {gs}, {type(sched).__name__}")
+    return 0
+
+
+def cmd_methods(argv: list[str]) -> int:
+    from .methods import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        print(f"{name:10s} {(cls.__module__ and sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+COMMANDS = {"distill": cmd_distill, "sample": cmd_sample, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        import difflib
+
+        hint = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
+        print(f"fewstep: unknown command {cmd!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""), file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    from .training.checkpoint import CheckpointError
+
+    try:
+        return COMMANDS[cmd](rest)
+    except ConfigError as e:
+        print(f"fewstep {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"fewstep {cmd}: error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,290 @@
+"""Typed run configuration: dataclasses, YAML files, command-line overrides, validation.
+
+One flat namespace of keys, as users type them (the diffusers consistency-distillation flag names,
+PaddleMIX and DMD2 names as aliases). The common keys live in :class:`TrainConfig`; each method adds
+its own dataclass (``Method.Config``). A key no dataclass declares is rejected with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_VALIDATION_PROMPTS = [
+    "a handwritten digit zero",
+    "a handwritten digit three",
+    "a handwritten digit seven",
+    "a photo of a cat",
+]
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message names the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by every method. Help text is the comment after each field."""
+
+    method: str = "lcm"  # distillation method: see `fewstep methods`
+    output_dir: str = "fewstep-output"  # where checkpoints, logs, validation images and the student go
+    seed: int = 0  # global seed; per-rank streams are derived from it
+    dry_run: bool = False  # validate config, load model configs (not weights), open one sample, exit
+
+    # teacher
+    pretrained_teacher_model: str | None = None  # diffusers folder or hub id of the teacher
+    teacher_revision: str | None = None  # hub revision of the teacher
+    pretrained_vae_model_name_or_path: str | None = None  # another VAE (folder or hub id) to use
+    cast_teacher_unet: bool = False  # hold the frozen teacher in the mixed-precision dtype
+
+    # data
+    train_data_dir: str | None = None  # image folder with .txt captions or metadata.jsonl/csv
+    train_shards_path_or_url: str | None = None  # WebDataset shards: path, {a..b} braces, pipe:, URL
+    dataset_name: str | None = None  # Hugging Face datasets name or local path
+    image_column: str = "image"  # image column of metadata / datasets
+    caption_column: str = "text"  # caption column of metadata / datasets
+    max_train_samples: int | None = None  # truncate the data set to this many samples
+    resolution: int = 512  # square training resolution in pixels
+    center_crop: bool = False  # center crop instead of random crop
+    random_flip: bool = False  # random horizontal flip
+    interpolation_type: str = "bilinear"  # resize filter: bilinear, bicubic, nearest, lanczos
+    proportion_empty_prompts: float = 0.0  # fraction of captions replaced by the empty prompt
+    dataloader_num_workers: int = 0  # data loading worker processes per rank
+
+    # optimisation
+    train_batch_size: int = 16  # per device
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000  # optimizer steps
+    learning_rate: float = 1e-6
+    lr_scheduler: str = "constant"  # any diffusers scheduler name: constant, cosine, linear, ...
+    lr_warmup_steps: int = 500
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # gradient clipping; <= 0 disables
+    mixed_precision: str = "no"  # no, fp16, bf16 (trainable weights stay fp32)
+    allow_tf32: bool = False
+    gradient_checkpointing: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    vae_encode_batch_size: int = 32  # images per VAE encode call
+
+    # logging, validation, checkpoints
+    report_to: str = "tensorboard"  # tensorboard, wandb, all or none
+    logging_dir: str = "logs"  # relative to output_dir
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    validation_steps: int = 200  # 0 disables validation grids
+    validation_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS))
+    validation_inference_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    validation_guidance_scale: float = 8.0  # guidance scale of validation samples (LCMs: w + 1)
+    max_nan_steps: int = 20  # consecutive non-finite losses tolerated before stopping
+
+
+# PaddleMIX / HF-Trainer names users already type -> our key.
+ALIASES = {
+    "pretrained_model_name_or_path": "pretrained_teacher_model",
+    "per_device_train_batch_size": "train_batch_size",
+    "max_steps": "max_train_steps",
+    "recompute": "gradient_checkpointing",
+    "image_logging_steps": "validation_steps",
+    "save_steps": "checkpointing_steps",
+    "save_total_limit": "checkpoints_total_limit",
+    "weight_decay": "adam_weight_decay",
+    "lr_scheduler_type": "lr_scheduler",
+    "warmup_steps": "lr_warmup_steps",
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _convert(key: str, value: Any, tp) -> Any:
+    """Coerce a YAML/CLI value to the annotated type ``tp``, with a message naming the key."""
+    if isinstance(tp, str):
+        tp = eval(tp, {**vars(typing), "list": list}, {})  # annotations are strings (__future__)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _convert(key, value, args[0])
+    if value is None:
+        raise ConfigError(f"--{key} needs a value")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in (value.split("|") if inner is str else value.replace(",", " ").split()) if v]
+        return [_convert(key, v, inner) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key} expects true or false, got {value!r}")
+    try:
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{key} expects {tp.__name__}, got {value!r}") from None
+
+
+def parse_cli_pairs(argv: list[str], bool_keys: set[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value`, and bare `--flag` for booleans; values stay strings."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}: options look like --key value")
+        key, eq, val = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            out[key] = val
+            i += 1
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        canonical = ALIASES.get(key, key)
+        if canonical in bool_keys and (nxt is None or nxt.startswith("--") or nxt.lower() not in (
+            "true", "false", "1", "0", "yes", "no", "on", "off")):
+            out[key] = True
+            i += 1
+        elif nxt is None or (nxt.startswith("--") and canonical not in bool_keys):
+            raise ConfigError(f"--{key} needs a value")
+        else:
+            # a list key may take several space-separated values (`--validation_inference_steps 1 2 4`)
+            vals = [nxt]
+            j = i + 2
+            while j < len(argv) and not argv[j].startswith("--"):
+                vals.append(argv[j])
+                j += 1
+            out[key] = vals[0] if len(vals) == 1 else vals
+            i = j
+    return out
+
+
+@dataclass
+class RunSpec:
+    """A resolved run: the common config plus the chosen method's config."""
+
+    train: TrainConfig
+    method: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.train), **dataclasses.asdict(self.method)}
+
+    def dump(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def resolve(raw: dict[str, Any], method_configs: dict[str, type], base: type = TrainConfig) -> RunSpec:
+    """Bind raw keys (from YAML and CLI, already merged) to ``base`` + the method's dataclass."""
+    raw = {ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
+    method = raw.get("method", base.method if hasattr(base, "method") else None)
+    if method not in method_configs:
+        hint = difflib.get_close_matches(str(method), list(method_configs), n=1)
+        raise ConfigError(
+            f"unknown --method {method!r}; available: {', '.join(sorted(method_configs))}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    mcls = method_configs[method]
+    common, own = _fields(base), _fields(mcls)
+    unknown = [k for k in raw if k not in common and k not in own]
+    if unknown:
+        k = unknown[0]
+        others = [m for m, c in method_configs.items() if k in _fields(c)]
+        if others:
+            raise ConfigError(f"--{k} is a setting of --method {others[0]}, not of --method {method}")
+        known = list(common) + list(own) + list(ALIASES)
+        hint = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
+        raise ConfigError(f"unknown option --{k}" + (f"; did you mean --{hint[0]}?" if hint else ""))
+    tvals = {k: _convert(k, v, common[k].type) for k, v in raw.items() if k in common}
+    mvals = {k: _convert(k, v, own[k].type) for k, v in raw.items() if k in own}
+    spec = RunSpec(base(**tvals), mcls(**mvals))
+    for obj in (spec.train, spec.method):
+        check = getattr(obj, "validate", None)
+        if check:
+            check()
+    return spec
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must be a mapping of key: value")
+    return data
+
+
+def validate_train(c: TrainConfig) -> None:
+    """Checks that need no model or file: every bad value is reported before anything loads."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(c.mixed_precision in ("no", "fp16", "bf16"), "--mixed_precision must be no, fp16 or bf16")
+    need(c.train_batch_size >= 1, "--train_batch_size must be >= 1")
+    need(c.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1")
+    need(c.max_train_steps >= 1, "--max_train_steps must be >= 1")
+    need(c.learning_rate > 0, "--learning_rate must be > 0")
+    need(c.resolution >= 8 and c.resolution % 8 == 0, "--resolution must be a positive multiple of 8")
+    need(0.0 <= c.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be in [0, 1]")
+    need(c.checkpointing_steps >= 1, "--checkpointing_steps must be >= 1")
+    need(c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
+         "--checkpoints_total_limit must be >= 1 (or unset to keep all)")
+    need(c.validation_steps >= 0, "--validation_steps must be >= 0 (0 disables validation)")
+    need(c.vae_encode_batch_size >= 1, "--vae_encode_batch_size must be >= 1")
+    need(c.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0")
+    need(c.report_to in ("tensorboard", "wandb", "all", "none"), "--report_to must be tensorboard, wandb, all or none")
+    need(c.interpolation_type in ("bilinear", "bicubic", "nearest", "lanczos"),
+         "--interpolation_type must be bilinear, bicubic, nearest or lanczos")
+    need(all(s >= 1 for s in c.validation_inference_steps), "--validation_inference_steps must be >= 1")
+    need(c.max_nan_steps >= 1, "--max_nan_steps must be >= 1")
+    sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name) if s]
+    need(len(sources) <= 1, "give one data source: --train_data_dir, --train_shards_path_or_url or --dataset_name")
+    need(c.pretrained_teacher_model is not None,
+         "--pretrained_teacher_model is required (a diffusers folder or hub id)")
+    from diffusers.optimization import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    need(c.lr_scheduler in names, f"--lr_scheduler {c.lr_scheduler!r} is not one of {', '.join(names)}")
+
+
+TrainConfig.validate = validate_train  # type: ignore[attr-defined]
+
+
+def describe(cls) -> str:
+    """One line per key with its default, for `fewstep distill --help`."""
+    import inspect
+
+    src = inspect.getsource(cls)
+    helps = {}
+    for line in src.splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith("#"):
+            helps[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append(f"  --{f.name:<44} {json.dumps(default)!s:<14} {helps.get(f.name, '')}")
+    return "\n".join(rows)

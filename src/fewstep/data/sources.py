@@ -1,0 +1,188 @@
+"""Training data: one interface over image folders, metadata files, WebDataset shards and HF datasets.
+
+Every source yields ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str}`` per sample. A bad
+sample (unreadable image, missing caption, tiny image) becomes ``None``; :func:`collate` drops it and
+counts it by cause, so training goes on and the log says what was skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from .transforms import ImageTransform
+
+log = logging.getLogger("fewstep.data")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_KEYS = ("text", "prompt", "caption")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``cause`` is its category in the skip summary."""
+
+    def __init__(self, cause: str, where: str):
+        super().__init__(f"{cause}: {where}")
+        self.cause, self.where = cause, where
+
+
+def _caption_key(row: dict, wanted: str, where: str) -> str:
+    if wanted in row:
+        return wanted
+    for k in CAPTION_KEYS:
+        if k in row:
+            return k
+    raise ConfigError(f"{where}: no caption column {wanted!r} (columns: {', '.join(row)}); set --caption_column")
+
+
+def _image_key(row: dict, wanted: str, where: str) -> str:
+    for k in (wanted, "file_name", "image", "path"):
+        if k in row:
+            return k
+    raise ConfigError(f"{where}: no image column {wanted!r} (columns: {', '.join(row)}); set --image_column")
+
+
+def read_metadata(path: Path, image_column: str, caption_column: str) -> list[tuple[str, str | None]]:
+    """Rows of a CSV / JSON / JSONL metadata file as (image path, caption); paths relative to the file."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{i + 1} is not valid JSON: {e}") from None
+    elif path.suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        raise ConfigError(f"{path}: metadata must be .csv, .json or .jsonl")
+    if not rows:
+        raise ConfigError(f"{path} has no rows")
+    ik, ck = _image_key(rows[0], image_column, str(path)), _caption_key(rows[0], caption_column, str(path))
+    base = path.parent
+    return [(str(base / r[ik]), r.get(ck)) for r in rows]
+
+
+def scan_folder(root: Path, image_column: str, caption_column: str) -> list[tuple[str, str | None]]:
+    """An image folder: metadata.jsonl / metadata.csv if present, else images with .txt sidecars."""
+    for name in ("metadata.jsonl", "metadata.csv", "metadata.json"):
+        if (root / name).is_file():
+            return read_metadata(root / name, image_column, caption_column)
+    records = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+            txt = p.with_suffix(".txt")
+            records.append((str(p), txt.read_text(encoding="utf-8").strip() if txt.is_file() else None))
+    return records
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Map-style (image path, caption) records; transforms seeded per (seed, epoch, index)."""
+
+    def __init__(self, records: list[tuple[str, str | None]], transform: ImageTransform, seed: int = 0):
+        self.records, self.transform, self.seed, self.epoch = records, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, index: int) -> dict[str, Any]:
+        path, caption = self.records[index]
+        if caption is None:
+            raise BadSample("missing caption", path)
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
+        return {"pixel_values": self.transform.open(path, gen), "caption": str(caption)}
+
+    def __getitem__(self, index: int):
+        try:
+            return self.load(index)
+        except BadSample as e:
+            return {"_bad": e.cause, "_where": e.where}
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    good = [s for s in samples if "_bad" not in s]
+    bad = Counter(s["_bad"] for s in samples if "_bad" in s)
+    batch: dict[str, Any] = {"skipped": dict(bad), "skipped_example": next(
+        (s["_where"] for s in samples if "_bad" in s), None)}
+    if good:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
+        batch["caption"] = [s["caption"] for s in good]
+        for k in good[0]:
+            if k not in batch and isinstance(good[0][k], torch.Tensor):
+                batch[k] = torch.stack([s[k] for s in good])
+    else:
+        batch["caption"] = []
+    return batch
+
+
+def build_dataset(cfg, for_rank: int = 0, world: int = 1):
+    """The data set named by the config (exactly one source)."""
+    transform = ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.interpolation_type)
+    if cfg.train_data_dir:
+        root = Path(cfg.train_data_dir)
+        if not root.exists():
+            raise ConfigError(f"--train_data_dir {root}: no such file or folder")
+        records = (read_metadata(root, cfg.image_column, cfg.caption_column) if root.is_file()
+                   else scan_folder(root, cfg.image_column, cfg.caption_column))
+        if not records:
+            raise ConfigError(
+                f"--train_data_dir {root} holds no images ({', '.join(IMAGE_EXTS)}) and no metadata.jsonl/csv; "
+                "put images with .txt captions there or point at a metadata file"
+            )
+        if cfg.max_train_samples:
+            records = records[: cfg.max_train_samples]
+        return ImageCaptionDataset(records, transform, cfg.seed)
+    if cfg.train_shards_path_or_url:
+        from .shards import ShardDataset
+
+        return ShardDataset(cfg.train_shards_path_or_url, transform, cfg.seed, cfg.max_train_samples)
+    if cfg.dataset_name:
+        return _hf_dataset(cfg, transform)
+    raise ConfigError("no training data: pass --train_data_dir, --train_shards_path_or_url or --dataset_name")
+
+
+class _HFDataset(ImageCaptionDataset):
+    def __init__(self, ds, image_column, caption_column, transform, seed):
+        super().__init__([], transform, seed)
+        self.ds, self.ic, self.cc = ds, image_column, caption_column
+
+    def __len__(self):
+        return len(self.ds)
+
+    def load(self, index):
+        row = self.ds[index]
+        caption = row.get(self.cc)
+        if caption is None:
+            raise BadSample("missing caption", f"row {index}")
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
+        return {"pixel_values": self.transform.apply(row[self.ic], gen, f"row {index}"), "caption": str(caption)}
+
+
+def _hf_dataset(cfg, transform):
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("--dataset_name needs the `datasets` package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(cfg.dataset_name, split="train")
+    except Exception as e:
+        raise ConfigError(f"--dataset_name {cfg.dataset_name}: could not load ({type(e).__name__}: {e})") from None
+    for col in (cfg.image_column, cfg.caption_column):
+        if col not in ds.column_names:
+            raise ConfigError(f"--dataset_name {cfg.dataset_name} has no column {col!r}; columns: {ds.column_names}")
+    if cfg.max_train_samples:
+        ds = ds.select(range(min(cfg.max_train_samples, len(ds))))
+    return _HFDataset(ds, cfg.image_column, cfg.caption_column, transform, cfg.seed)

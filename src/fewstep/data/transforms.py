@@ -1,0 +1,61 @@
+"""Image transforms with PIL and numpy only (torchvision wheels do not match every torch build)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+_FILTERS = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "nearest": Image.NEAREST,
+    "lanczos": Image.LANCZOS,
+}
+MIN_SIDE = 8  # images smaller than this on a side are skipped as "tiny image"
+
+
+class ImageTransform:
+    """Resize the short side to ``resolution``, crop a square (center or random), optionally flip,
+    scale to [-1, 1]. Randomness comes from the caller's generator, so results do not depend on
+    which data-loader worker runs them."""
+
+    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = False,
+                 interpolation: str = "bilinear"):
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.filter = _FILTERS[interpolation]
+
+    def open(self, path: str, gen: torch.Generator) -> torch.Tensor:
+        from .sources import BadSample
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return self.apply(im, gen, path)
+        except FileNotFoundError:
+            raise BadSample("missing image", path) from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise BadSample("corrupt image", path) from None
+
+    def apply(self, im: Image.Image, gen: torch.Generator, where: str = "?") -> torch.Tensor:
+        from .sources import BadSample
+
+        if min(im.size) < MIN_SIDE:
+            raise BadSample("tiny image", where)
+        im = im.convert("RGB")
+        r = self.resolution
+        w, h = im.size
+        scale = r / min(w, h)
+        nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+        im = im.resize((nw, nh), self.filter)
+        if self.center_crop:
+            top, left = (nh - r) // 2, (nw - r) // 2
+        else:
+            top = int(torch.randint(0, nh - r + 1, (1,), generator=gen))
+            left = int(torch.randint(0, nw - r + 1, (1,), generator=gen))
+        im = im.crop((left, top, left + r, top + r))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        if self.random_flip and bool(torch.rand(1, generator=gen) < 0.5):
+            x = x.flip(-1)
+        return x

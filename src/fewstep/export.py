@@ -1,0 +1,70 @@
+"""Outputs users load: a diffusers pipeline folder with the student and its few-step scheduler,
+the resolved config, and a model card saying how to sample."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def export_pipeline(bundle, unet, scheduler, out_dir: Path, vae_override: str | None = None) -> None:
+    """Write ``out_dir`` as a diffusers pipeline folder: the trained denoiser and scheduler are saved,
+    the frozen parts (tokenizer, text encoder, VAE, ...) copied byte-for-byte from the teacher, so
+    training in fp16 never degrades them."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(bundle.root)
+    index = json.loads((root / "model_index.json").read_text())
+    for name, spec in index.items():
+        if name.startswith("_") or name in ("unet", "scheduler"):
+            continue
+        if name in ("safety_checker", "feature_extractor", "image_encoder"):
+            index[name] = [None, None]
+            continue
+        src = Path(vae_override) if (name == "vae" and vae_override) else root / name
+        if (src / "vae" / "config.json").is_file():  # a VAE given as a pipeline folder
+            src = src / "vae"
+        if src.is_dir():
+            shutil.copytree(src, out_dir / name, dirs_exist_ok=True)
+    if "requires_safety_checker" in index:
+        index["requires_safety_checker"] = False
+    unet.save_pretrained(out_dir / "unet")
+    scheduler.save_pretrained(out_dir / "scheduler")
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, Any], metrics: dict | None = None):
+    steps = facts.get("num_inference_steps", 4)
+    gs = facts.get("guidance_scale", 1.0)
+    gs_num = gs
+    (Path(out_dir) / "fewstep_sampling.json").write_text(
+        json.dumps({"num_inference_steps": steps, "guidance_scale": gs}) + "\n")
+    card = f"""---
+library_name: diffusers
+base_model: {teacher}
+tags: [fewstep, {method}, text-to-image, few-step]
+---
+# Few-step student distilled with fewstep ({method})
+
+Teacher: `{teacher}`. Scheduler: `{facts.get('scheduler', 'LCMScheduler')}`,
+{steps} steps recommended (1–8 work). Guidance scale: {gs}.
+{facts.get('guidance_note', '')}
+
+```python
+import torch
+from diffusers import DiffusionPipeline, LCMScheduler
+
+pipe = DiffusionPipeline.from_pretrained("{out_dir}")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs_num}).images[0]
+```
+
+or `fewstep sample --model {out_dir} --prompt "a prompt" --num_inference_steps {steps}`.
+The full training configuration is in `fewstep_config.yaml`.
+"""
+    if metrics:
+        card += "\n## Evaluation\n\n" + json.dumps(metrics, indent=2) + "\n"
+    (Path(out_dir) / "README.md").write_text(card)

@@ -1,0 +1,77 @@
+"""The method protocol: what the trainer needs from a distillation method, and nothing more.
+
+A method owns its networks and its math. The trainer owns the loop: it builds one optimizer per
+trainable group, asks :meth:`Method.phase` which group a step updates, calls :meth:`Method.loss`,
+steps that group's optimizer, then calls :meth:`Method.after_step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available as ``--method <cls.name>``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Group:
+    """A trainable group: its module (prepared by accelerate) and optimizer settings."""
+
+    module: torch.nn.Module
+    lr: float | None = None  # None: --learning_rate
+    params: list[torch.nn.Parameter] | None = None  # None: every parameter that requires grad
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars to log
+
+
+class Method:
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, cfg, mcfg, bundle, accelerator):
+        self.cfg, self.mcfg, self.bundle, self.accelerator = cfg, mcfg, bundle, accelerator
+
+    def groups(self) -> dict[str, Group]:
+        """Trainable groups by name; the trainer replaces ``module`` with the prepared module."""
+        raise NotImplementedError
+
+    def bind(self, prepared: dict[str, torch.nn.Module]) -> None:
+        """Receive the accelerate-prepared (DDP/FSDP-wrapped) modules, in ``groups()`` order."""
+        for name, module in prepared.items():
+            setattr(self, name, module)
+
+    def phase(self, step: int) -> str:
+        """Which group this optimizer step updates."""
+        return next(iter(self.groups()))
+
+    def loss(self, phase: str, batch: dict[str, Any], step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def after_step(self, phase: str, step: int) -> None:
+        """Called after each optimizer step (EMA updates, target switches)."""
+
+    def stateful(self) -> dict[str, Any]:
+        """Extra objects with state_dict/load_state_dict that checkpoints must hold (EMA targets)."""
+        return {}
+
+    def sample(self, prompts: list[str], seeds: list[int], num_inference_steps: int,
+               guidance_scale: float) -> torch.Tensor:
+        """Images in [0, 1] from the current student, the way users will sample it."""
+        raise NotImplementedError
+
+    def export(self, out_dir: Path) -> dict[str, Any]:
+        """Write the student in the formats users load; return model-card facts."""
+        raise NotImplementedError

@@ -1,0 +1,226 @@
+"""The model bundle: one adapter between methods and a diffusers model family.
+
+A method asks the bundle to encode a batch (latents + condition), to run a denoiser on
+(z_t, t, condition), to make a trainable copy of the denoiser and to build the pipeline that vanilla
+diffusers runs. Everything family-specific (text encoders, micro-conditioning, VAE quirks) stays
+here, so the methods read the same for SD1.x/2.x and the families added later.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from ..diffusion.schedule import NoiseSchedule
+
+Cond = dict[str, torch.Tensor]
+
+
+def cat_cond(*conds: Cond) -> Cond:
+    """Stack several conditions along the batch (e.g. cond ‖ uncond for one CFG forward)."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def check_teacher_path(path: str, revision: str | None = None) -> str:
+    """Make sure ``path`` is a diffusers model folder (or a hub id); return the folder to read."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(
+                f"--pretrained_teacher_model {path} is a file, not a diffusers folder. Single-file "
+                "checkpoints (.safetensors/.ckpt) must be converted first: "
+                "StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
+            )
+        if not (p / "unet" / "config.json").is_file() or not (p / "model_index.json").is_file():
+            raise ConfigError(
+                f"--pretrained_teacher_model {path} is not a diffusers model folder: expected "
+                "model_index.json and unet/config.json inside it. Point at the folder written by "
+                "pipeline.save_pretrained(...), or convert a single-file checkpoint with from_single_file"
+            )
+        return str(p)
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+        except Exception as e:  # offline, private, or missing repo
+            raise ConfigError(
+                f"--pretrained_teacher_model {path}: no such folder, and the hub could not provide it "
+                f"({type(e).__name__}: {e}). Download it first or pass a local diffusers folder."
+            ) from None
+    raise ConfigError(f"--pretrained_teacher_model {path}: no such folder")
+
+
+class SDBundle:
+    """Stable Diffusion 1.x/2.x: CLIP text encoder, AutoencoderKL, UNet2DConditionModel."""
+
+    family = "sd"
+
+    def __init__(self, root: str, tokenizer, text_encoder, vae, unet, scheduler_config: dict,
+                 vae_encode_batch_size: int = 32):
+        self.root = root
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.unet = unet
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule = NoiseSchedule.from_scheduler_config(scheduler_config)
+        self.vae_encode_batch_size = vae_encode_batch_size
+        self._uncond: Cond | None = None
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, revision: str | None = None, vae_path: str | None = None,
+             weights: bool = True, vae_encode_batch_size: int = 32) -> SDBundle:
+        """Load the teacher. With ``weights=False`` only configs are read (for --dry_run)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        root = check_teacher_path(path, revision)
+        index = json.loads((Path(root) / "model_index.json").read_text())
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if part not in index:
+                raise ConfigError(f"{root}/model_index.json has no {part!r}: not a Stable Diffusion pipeline")
+        if "text_encoder_2" in index:
+            raise ConfigError(f"{root} is an SDXL pipeline; SDXL support is not in this version of fewstep")
+        sched_cfg = DDPMScheduler.load_config(root, subfolder="scheduler")
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+        vae_root, vae_sub = (vae_path, None) if vae_path else (root, "vae")
+        if weights:
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub)
+            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+        else:
+            unet = UNet2DConditionModel.load_config(root, subfolder="unet")
+            vae = AutoencoderKL.load_config(vae_root, subfolder=vae_sub)
+            text_encoder = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder")
+        bundle = cls(root, tokenizer, text_encoder, vae, unet, sched_cfg, vae_encode_batch_size)
+        if weights:
+            for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+                m.requires_grad_(False).eval()
+        return bundle
+
+    def to(self, device, dtype=None, unet_dtype=None) -> SDBundle:
+        """Move the frozen parts; the VAE and text encoder go to ``dtype``, the teacher to ``unet_dtype``."""
+        self.text_encoder.to(device, dtype=dtype)
+        self.vae.to(device, dtype=dtype)
+        self.unet.to(device, dtype=unet_dtype)
+        self.schedule.to(device)
+        self._uncond = None
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.config.scaling_factor
+
+    # ---- conditioning ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Cond:
+        """CLIP hidden states, tokenised exactly as StableDiffusionPipeline does."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
+        hidden = self.text_encoder(ids)[0]
+        return {"encoder_hidden_states": hidden}
+
+    def uncond(self, batch_size: int) -> Cond:
+        """The unconditional input of classifier-free guidance: the empty prompt's embedding."""
+        if self._uncond is None:
+            self._uncond = self.encode_text([""])
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items()}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents, sampled from the posterior, in chunks of vae_encode_batch_size."""
+        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        parts = [self.vae.encode(chunk).latent_dist.sample()
+                 for chunk in pixels.split(self.vae_encode_batch_size)]
+        return torch.cat(parts).float() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1]."""
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_batch(self, batch: dict[str, Any], drop_prob: float = 0.0) -> tuple[torch.Tensor, Cond]:
+        """(x₀ latents, condition) of a data batch; captions dropped to "" with prob ``drop_prob``."""
+        captions = list(batch["caption"])
+        if drop_prob > 0:
+            drop = torch.rand(len(captions)) < drop_prob
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        x0 = self.encode_images(batch["pixel_values"])
+        return x0, self.encode_text(captions)
+
+    # ---- denoiser ------------------------------------------------------------------------
+    def predict(self, net, z: torch.Tensor, t: torch.Tensor, cond: Cond, timestep_cond=None) -> torch.Tensor:
+        """Raw denoiser output (ε, v or x₀, per ``self.schedule.prediction_type``)."""
+        dtype = next(net.parameters()).dtype
+        if torch.is_autocast_enabled(z.device.type):
+            dtype = z.dtype  # autocast casts inside; keep inputs as they are
+        out = net(z.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                  timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype)).sample
+        return out.float()
+
+    def new_denoiser(self, **config_overrides):
+        """A trainable fp32 copy of the teacher UNet, with config changes (e.g. time_cond_proj_dim).
+
+        New layers (the guidance embedding's ``cond_proj``) keep their fresh initialisation; every
+        teacher weight is copied, which the strict check below guarantees.
+        """
+        from diffusers import UNet2DConditionModel
+
+        cfg = dict(self.unet.config)
+        cfg.update(config_overrides)
+        student = UNet2DConditionModel.from_config(cfg)
+        missing, unexpected = student.load_state_dict(self.unet.state_dict(), strict=False)
+        allowed = {k for k in student.state_dict() if k.startswith("time_embedding.cond_proj")}
+        if unexpected or set(missing) - allowed:
+            raise RuntimeError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
+        return student.float().train()
+
+    # ---- export --------------------------------------------------------------------------
+    def pipeline(self, unet, scheduler):
+        """The vanilla diffusers pipeline running ``unet`` with ``scheduler`` and this bundle's parts."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+
+def load_bundle(path: str, **kw) -> SDBundle:
+    """Pick the family from the folder's model_index.json (only SD1.x/2.x today)."""
+    return SDBundle.load(path, **kw)
+
+
+def frozen_copy(module):
+    """A detached, frozen deep copy (EMA targets)."""
+    m = copy.deepcopy(module)
+    m.requires_grad_(False)
+    return m
+
+
+def free_disk_bytes(path: str) -> int:
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize

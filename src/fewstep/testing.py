@@ -1,0 +1,143 @@
+"""Builders of teachers with random weights, from configs: tiny ones for tests, full-size SD1.5
+architectures for benchmarks, plus CLIP tokenizers written offline and toy caption folders.
+
+Nothing here downloads anything: tokenizer vocabularies are generated (a byte-level alphabet plus
+merges for chosen words) or rebuilt from the CLIP BPE merges file when the caller has it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DEFAULT_WORDS = ["a", "handwritten", "digit", "photo", "of", "cat", "dog", *DIGIT_WORDS]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte → printable-character map of byte-level BPE (GPT-2 / CLIP)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def write_clip_tokenizer(out_dir: str | Path, words: list[str] | None = None, model_max_length: int = 16) -> Path:
+    """A real ``CLIPTokenizer`` with a small vocabulary: every byte, plus whole-word tokens for ``words``
+    (built by left-to-right merges, so the BPE is valid). Other text falls back to single bytes."""
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    seen = set(vocab)
+    for word in words or DEFAULT_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            m = f"{pieces[0]} {pieces[1]}"
+            if m not in merges:
+                merges.append(m)
+            if merged not in seen:
+                vocab.append(merged)
+                seen.add(merged)
+            pieces = [merged] + pieces[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return _save_tokenizer(out, vocab, merges, model_max_length, CLIPTokenizer)
+
+
+def write_clip_tokenizer_from_bpe(out_dir: str | Path, bpe_gz: str | Path, model_max_length: int = 77) -> Path:
+    """The real 49,408-token CLIP vocabulary, rebuilt from OpenAI's ``bpe_simple_vocab_16e6.txt.gz``."""
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1: 49152 - 256 - 2 + 1]
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return _save_tokenizer(Path(out_dir), vocab, merges, model_max_length, CLIPTokenizer)
+
+
+def _save_tokenizer(out: Path, vocab, merges, model_max_length, cls) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = cls.from_pretrained(str(out), model_max_length=model_max_length)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def tiny_sd_components(prediction_type: str = "epsilon", image_size: int = 32, text_dim: int = 32,
+                       words: list[str] | None = None, model_max_length: int = 16, tokenizer_dir=None,
+                       block_out_channels=(32, 64), seed: int = 0):
+    """Tokenizer, CLIP text encoder, VAE (÷4), UNet and DDPM scheduler with random weights."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tdir = tokenizer_dir or write_clip_tokenizer(tempfile.mkdtemp(prefix="fewstep-tok-"), words, model_max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tdir))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=model_max_length, projection_dim=text_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 32, 64],
+                        latent_channels=4, layers_per_block=1, norm_num_groups=16, sample_size=image_size)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(block_out_channels), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_dim,
+        attention_head_dim=8, norm_num_groups=16)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type=prediction_type,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
+
+
+def save_sd_pipeline(out_dir: str | Path, parts: dict) -> Path:
+    """Write the parts as a StableDiffusionPipeline folder (model_index.json, one folder per part)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def build_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", **kw) -> Path:
+    """A tiny SD-like teacher (32 px images, 8×8 latents) as a diffusers folder."""
+    return save_sd_pipeline(out_dir, tiny_sd_components(prediction_type, **kw))
+
+
+def write_caption_folder(out_dir: str | Path, n: int = 8, size: int = 40, seed: int = 0,
+                         captions: list[str] | None = None) -> Path:
+    """A folder of random-blob PNG images with .txt caption sidecars."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    caps = captions or [f"a handwritten digit {DIGIT_WORDS[i % 10]}" for i in range(n)]
+    for i in range(n):
+        base = rng.integers(0, 255, size=(1, 1, 3))
+        img = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(out / f"{i:05d}.png")
+        (out / f"{i:05d}.txt").write_text(caps[i % len(caps)])
+    return out

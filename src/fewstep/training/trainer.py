@@ -1,0 +1,353 @@
+"""The method-agnostic training loop on accelerate.
+
+It knows trainable groups, optimizers, phases, accumulation, clipping, mixed precision, logging,
+validation, checkpoints, signals and non-finite losses — and nothing about any method's math.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunSpec
+from ..data import build_dataset, collate
+from ..export import write_model_card
+from ..methods import REGISTRY
+from ..models.bundle import load_bundle
+from .checkpoint import resolve_resume, save_checkpoint
+
+log = logging.getLogger("fewstep")
+
+
+class TrainState:
+    """Counters the checkpoint must restore: optimizer steps done and the data position."""
+
+    def __init__(self):
+        self.step, self.epoch, self.batch_in_epoch, self.nan_steps, self.skipped = 0, 0, 0, 0, {}
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, d):
+        vars(self).update(d)
+
+
+class StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("signal %s received: finishing this step, saving a checkpoint, then exiting", signum)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def make_optimizer(cfg, params, lr):
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install 'fewstep[8bit]' (CUDA only)") from None
+        cls = bnb.optim.AdamW8bit
+        kw = {}
+    else:
+        cls = torch.optim.AdamW
+        kw = {"foreach": True}
+    return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+               eps=cfg.adam_epsilon, **kw)
+
+
+def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """Rows of (n, 3, H, W) images in [0, 1] → one uint8 HWC grid."""
+    strips = [torch.cat(list(r), dim=-1) for r in rows]
+    grid = torch.cat(strips, dim=-2).clamp(0, 1)
+    return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def build_accelerator(cfg, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    log_with = None if cfg.report_to == "none" else cfg.report_to
+    if log_with == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec, bundle=None):
+        from accelerate.utils import set_seed
+
+        self.spec, cfg = spec, spec.train
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.acc = acc = build_accelerator(cfg, self.out)
+        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        set_seed(cfg.seed, device_specific=True)  # a different noise stream per rank
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        wdt = weight_dtype_of(cfg.mixed_precision)
+        self.bundle = bundle or load_bundle(
+            cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
+            vae_path=cfg.pretrained_vae_model_name_or_path, vae_encode_batch_size=cfg.vae_encode_batch_size)
+        self.bundle.to(acc.device, dtype=wdt, unet_dtype=wdt if cfg.cast_teacher_unet else torch.float32)
+        if cfg.enable_xformers_memory_efficient_attention:
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise SystemExit("--enable_xformers_memory_efficient_attention needs xformers "
+                                 "(pip install xformers); without it PyTorch SDPA is used") from None
+            self.bundle.unet.enable_xformers_memory_efficient_attention()
+
+        self.method = REGISTRY[cfg.method](cfg, spec.method, self.bundle, acc)
+        groups = self.method.groups()
+        if cfg.enable_xformers_memory_efficient_attention:
+            for g in groups.values():
+                g.module.enable_xformers_memory_efficient_attention()
+        from diffusers.optimization import get_scheduler
+
+        self.names = list(groups)
+        self.opts, self.scheds, self.params = {}, {}, {}
+        for name, g in groups.items():
+            params = g.params or [p for p in g.module.parameters() if p.requires_grad]
+            self.params[name] = params
+            self.opts[name] = make_optimizer(cfg, params, g.lr or cfg.learning_rate)
+            # accelerate steps a prepared scheduler once per process, hence the num_processes factor.
+            self.scheds[name] = get_scheduler(cfg.lr_scheduler, self.opts[name],
+                                              num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+                                              num_training_steps=cfg.max_train_steps * acc.num_processes)
+
+        self.dataset = build_dataset(cfg)
+        if hasattr(self.dataset, "set_rank"):
+            self.dataset.set_rank(acc.process_index, acc.num_processes)
+        is_map = not isinstance(self.dataset, torch.utils.data.IterableDataset)
+        # The loader's own generator: creating an iterator must not draw from the global RNG,
+        # or a resumed run would see different noise than an uninterrupted one.
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=cfg.train_batch_size, shuffle=is_map, collate_fn=collate,
+            num_workers=cfg.dataloader_num_workers, drop_last=is_map,
+            generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
+
+        prepared = acc.prepare(*[groups[n].module for n in self.names],
+                               *[self.opts[n] for n in self.names], *[self.scheds[n] for n in self.names])
+        k = len(self.names)
+        self.method.bind(dict(zip(self.names, prepared[:k])))
+        self.opts = dict(zip(self.names, prepared[k:2 * k]))
+        self.scheds = dict(zip(self.names, prepared[2 * k:]))
+        self.modules = dict(zip(self.names, prepared[:k]))
+        # Iterable (streamed) data is split per rank by the data set itself, not by accelerate.
+        self.loader = acc.prepare_data_loader(loader) if is_map else loader
+        self.is_map = is_map
+
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state)
+        for obj in self.method.stateful().values():
+            acc.register_for_checkpointing(obj)
+
+    # ---- data --------------------------------------------------------------------------------
+    def _epoch_iter(self, skip: int = 0):
+        self.dataset.set_epoch(self.state.epoch)
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.state.epoch)
+        loader = self.acc.skip_first_batches(self.loader, skip) if (skip and self.is_map) else self.loader
+        it = iter(loader)
+        if skip and not self.is_map:
+            for _ in range(skip):
+                next(it, None)
+        return it
+
+    def _next_batch(self):
+        while True:
+            batch = next(self._it, None)
+            if batch is None:
+                if self.state.batch_in_epoch == 0:
+                    raise SystemExit("the data source yielded no batch: check the data path and --train_batch_size")
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                self._it = self._epoch_iter()
+                continue
+            self.state.batch_in_epoch += 1
+            for cause, n in batch["skipped"].items():
+                self.state.skipped[cause] = self.state.skipped.get(cause, 0) + n
+                if self.state.skipped[cause] == n:
+                    log.warning("skipping bad sample (%s), e.g. %s", cause, batch["skipped_example"])
+            if batch["caption"]:
+                return batch
+
+    # ---- loop --------------------------------------------------------------------------------
+    def train(self):
+        cfg, acc, st = self.cfg, self.acc, self.state
+        resume = resolve_resume(self.out, cfg.resume_from_checkpoint)
+        if resume:
+            acc.load_state(str(resume))
+            log.info("resumed from %s at step %d", resume, st.step)
+        elif cfg.resume_from_checkpoint:
+            log.info("no checkpoint in %s yet: starting from step 0", self.out)
+        if acc.is_main_process:
+            self.spec.dump(self.out / "fewstep_config.yaml")
+        if acc.log_with:
+            flat = {k: v for k, v in self.spec.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            acc.init_trackers("fewstep", config=flat)
+        self._it = self._epoch_iter(skip=st.batch_in_epoch)
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
+        t_last = time.time()
+        with StopRequested() as stop:
+            while st.step < cfg.max_train_steps:
+                logs = self._one_step()
+                bar.update(1)
+                if acc.is_main_process:
+                    bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}")
+                now = time.time()
+                logs["step_time"] = now - t_last
+                t_last = now
+                acc.log(logs, step=st.step)
+                if cfg.validation_steps and st.step % cfg.validation_steps == 0:
+                    self.validate()
+                if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps:
+                    save_checkpoint(acc, self.out, st.step, cfg.checkpoints_total_limit)
+                if stop.signum is not None:
+                    path = save_checkpoint(acc, self.out, st.step, cfg.checkpoints_total_limit)
+                    acc.end_training()
+                    msg = (f"stopped by signal {stop.signum} at step {st.step}; state saved in {path}. Resume with "
+                           f"the same command plus --resume_from_checkpoint latest")
+                    if acc.is_main_process:
+                        print(msg, file=sys.stderr)
+                    return None
+        bar.close()
+        if st.skipped:
+            log.warning("skipped samples by cause: %s", st.skipped)
+        acc.wait_for_everyone()
+        result = None
+        if acc.is_main_process:
+            facts = self.method.export(self.out)
+            write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts)
+            result = self.out
+            log.info("student written to %s", self.out)
+        acc.end_training()
+        return result
+
+    def _one_step(self) -> dict[str, float]:
+        """One optimizer step of the phase's group (gradient_accumulation_steps micro-batches)."""
+        cfg, acc, st = self.cfg, self.acc, self.state
+        phase = self.method.phase(st.step)
+        module, opt, sched = self.modules[phase], self.opts[phase], self.scheds[phase]
+        if len(self.params) > 1:  # only the phase's group builds a graph
+            for name, params in self.params.items():
+                for p in params:
+                    p.requires_grad_(name == phase)
+        logs_acc: dict[str, float] = {}
+        bad = False
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = self._next_batch()
+            with acc.accumulate(module):
+                out = self.method.loss(phase, batch, st.step)
+                # Every rank must agree to skip, or DDP would wait forever for the skipped backward.
+                nonfinite = (~torch.isfinite(out.loss.detach())).float().reshape(1)
+                finite = not bool(acc.reduce(nonfinite, reduction="sum") > 0) if acc.num_processes > 1 \
+                    else not bool(nonfinite)
+                if finite and not bad:
+                    acc.backward(out.loss)
+                else:
+                    bad = True
+                if acc.sync_gradients and not bad and cfg.max_grad_norm > 0:
+                    gn = acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                    logs_acc["grad_norm"] = float(gn)
+                if not bad:
+                    opt.step()
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
+            for k, v in out.logs.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+        if bad:
+            opt.zero_grad(set_to_none=True)
+            st.nan_steps += 1
+            log.warning("non-finite loss at step %d: step skipped (%d in a row)", st.step, st.nan_steps)
+            if st.nan_steps >= cfg.max_nan_steps:
+                from .checkpoint import list_checkpoints
+
+                last = list_checkpoints(self.out)
+                raise SystemExit(
+                    f"{st.nan_steps} consecutive non-finite losses: stopping. Likely causes: an fp16 VAE "
+                    "(use --mixed_precision bf16 or an fp16-safe --pretrained_vae_model_name_or_path), too high "
+                    "--learning_rate, or bad data. Last good checkpoint: "
+                    f"{last[-1][1] if last else 'none'}")
+        else:
+            st.nan_steps = 0
+        st.step += 1
+        if not bad:
+            self.method.after_step(phase, st.step)
+        logs_acc[f"lr/{phase}"] = sched.get_last_lr()[0]
+        return {k: v for k, v in logs_acc.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    @torch.no_grad()
+    def validate(self):
+        """Student samples at each validation step count on fixed prompts and seeds → PNG + tracker."""
+        if not self.acc.is_main_process:
+            self.acc.wait_for_everyone()
+            return
+        cfg = self.cfg
+        prompts = cfg.validation_prompts
+        seeds = list(range(len(prompts)))
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # validation never shifts the training RNG
+            rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale)
+                    for n in cfg.validation_inference_steps]
+        grid = image_grid(rows)
+        from PIL import Image
+
+        vdir = self.out / "validation"
+        vdir.mkdir(exist_ok=True)
+        path = vdir / f"step-{self.state.step:07d}.png"
+        Image.fromarray(grid).save(path)
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", grid, self.state.step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": wandb.Image(grid)}, step=self.state.step)
+        log.info("validation grid (rows: %s steps) written to %s", cfg.validation_inference_steps, path)
+        self.acc.wait_for_everyone()

@@ -17,7 +17,7 @@ def export_pipeline(bundle, unet, scheduler, out_dir: Path, vae_override: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(bundle.root)
     index = json.loads((root / "model_index.json").read_text())
-    for name, spec in index.items():
+    for name in list(index):
         if name.startswith("_") or name in ("unet", "scheduler"):
             continue
         if name in ("safety_checker", "feature_extractor", "image_encoder"):

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..diffusion.sampling import make_scheduler, sample_images
-from ..diffusion.schedule import boundary_scalings, ddim_step, guidance_scale_embedding, pseudo_huber, skip_step_grid
+from ..diffusion.schedule import (
+    boundary_scalings,
+    ddim_step,
+    guidance_scale_embedding,
+    pseudo_huber,
+    skip_step_grid,
+)
 from ..export import export_pipeline
 from ..models.bundle import cat_cond, frozen_copy
 from ..training.ema import ema_update

@@ -108,9 +108,10 @@ class SDBundle:
 
     def to(self, device, dtype=None, unet_dtype=None) -> SDBundle:
         """Move the frozen parts; the VAE and text encoder go to ``dtype``, the teacher to ``unet_dtype``."""
-        self.text_encoder.to(device, dtype=dtype)
-        self.vae.to(device, dtype=dtype)
-        self.unet.to(device, dtype=unet_dtype)
+        for m, dt in ((self.text_encoder, dtype), (self.vae, dtype), (self.unet, unet_dtype)):
+            m.to(device)
+            if dt is not None and dt != m.dtype:
+                m.to(dtype=dt)
         self.schedule.to(device)
         self._uncond = None
         return self

@@ -65,6 +65,24 @@ class StopRequested:
             signal.signal(s, h)
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run can rebuild the
+    exact order and skip the batches already seen (accelerate shards the batches across ranks)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 def weight_dtype_of(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
@@ -106,7 +124,7 @@ def build_accelerator(cfg, out: Path):
         mixed_precision=cfg.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
     )
 
 
@@ -163,8 +181,9 @@ class Trainer:
         is_map = not isinstance(self.dataset, torch.utils.data.IterableDataset)
         # The loader's own generator: creating an iterator must not draw from the global RNG,
         # or a resumed run would see different noise than an uninterrupted one.
+        self.sampler = EpochSampler(len(self.dataset), cfg.seed) if is_map else None
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=cfg.train_batch_size, shuffle=is_map, collate_fn=collate,
+            self.dataset, batch_size=cfg.train_batch_size, sampler=self.sampler, collate_fn=collate,
             num_workers=cfg.dataloader_num_workers, drop_last=is_map,
             generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
 
@@ -186,10 +205,15 @@ class Trainer:
 
     # ---- data --------------------------------------------------------------------------------
     def _epoch_iter(self, skip: int = 0):
-        self.dataset.set_epoch(self.state.epoch)
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(self.state.epoch)
+        epoch = self.state.epoch
+        self.dataset.set_epoch(epoch)
         loader = self.acc.skip_first_batches(self.loader, skip) if (skip and self.is_map) else self.loader
+        # accelerate's loaders re-set the sampler's epoch from their own iteration counter at every
+        # iter(); tell them the true epoch, or a resumed run would replay epoch 0's order.
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
         it = iter(loader)
         if skip and not self.is_map:
             for _ in range(skip):
@@ -215,7 +239,8 @@ class Trainer:
                 return batch
 
     # ---- loop --------------------------------------------------------------------------------
-    def train(self):
+    def start(self) -> None:
+        """Resume (if asked), write the resolved config, open trackers and the data stream."""
         cfg, acc, st = self.cfg, self.acc, self.state
         resume = resolve_resume(self.out, cfg.resume_from_checkpoint)
         if resume:
@@ -230,13 +255,16 @@ class Trainer:
             acc.init_trackers("fewstep", config=flat)
         self._it = self._epoch_iter(skip=st.batch_in_epoch)
 
+    def train(self):
+        cfg, acc, st = self.cfg, self.acc, self.state
+        self.start()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
         t_last = time.time()
         with StopRequested() as stop:
             while st.step < cfg.max_train_steps:
-                logs = self._one_step()
+                logs = self.step()
                 bar.update(1)
                 if acc.is_main_process:
                     bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}")
@@ -269,7 +297,7 @@ class Trainer:
         acc.end_training()
         return result
 
-    def _one_step(self) -> dict[str, float]:
+    def step(self) -> dict[str, float]:
         """One optimizer step of the phase's group (gradient_accumulation_steps micro-batches)."""
         cfg, acc, st = self.cfg, self.acc, self.state
         phase = self.method.phase(st.step)

@@ -12,6 +12,7 @@ USAGE = """usage: fewstep <command> [options]
 
 commands:
   distill    distil a teacher into a few-step student   (fewstep distill --help)
+  train-teacher  train a small text-to-image teacher from scratch (same options as distill)
   sample     generate images with a trained student     (fewstep sample --help)
   methods    list the distillation methods
 """
@@ -39,7 +40,12 @@ def parse_run(argv: list[str]):
         raw.update(load_yaml(argv[i + 1]))
         argv = argv[:i] + argv[i + 2:]
     raw.update(parse_cli_pairs(argv, bool_keys))
-    return resolve(raw, mconfigs)
+    spec = resolve(raw, mconfigs)
+    from .methods import REGISTRY
+
+    if REGISTRY[spec.train.method].needs_teacher and not spec.train.pretrained_teacher_model:
+        raise ConfigError("--pretrained_teacher_model is required (a diffusers folder or hub id)")
+    return spec
 
 
 def dry_run(spec) -> int:
@@ -50,17 +56,20 @@ def dry_run(spec) -> int:
     from .models.bundle import free_disk_bytes, load_bundle
 
     cfg = spec.train
-    bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
-                         vae_path=cfg.pretrained_vae_model_name_or_path, weights=False)
+    from .methods import REGISTRY
+
+    if REGISTRY[cfg.method].needs_teacher:
+        bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
+                             vae_path=cfg.pretrained_vae_model_name_or_path, weights=False)
+        unet = bundle.unet
+        print(f"teacher: {bundle.root} (family {bundle.family}, UNet in={unet['in_channels']} "
+              f"cross_attention_dim={unet['cross_attention_dim']}, prediction_type={bundle.schedule.prediction_type})")
     ds = build_dataset(cfg)
     sample = next(iter(ds)) if hasattr(ds, "__iter__") and not hasattr(ds, "__getitem__") else ds[0]
     if "_bad" in sample:
         raise ConfigError(f"the first data sample is unusable ({sample['_bad']}): {sample['_where']}")
     free = free_disk_bytes(cfg.output_dir)
-    unet = bundle.unet
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    print(f"teacher: {bundle.root} (family {bundle.family}, UNet in={unet['in_channels']} "
-          f"cross_attention_dim={unet['cross_attention_dim']}, prediction_type={bundle.schedule.prediction_type})")
     print(f"data: {type(ds).__name__}, first sample {tuple(sample['pixel_values'].shape)} "
           f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else ""))
     print(f"free disk at {cfg.output_dir}: {free / 2**30:.1f} GiB")
@@ -91,6 +100,13 @@ def cmd_distill(argv: list[str]) -> int:
     if out is not None:
         print(f"student saved in {out}")
     return 0
+
+
+def cmd_train_teacher(argv: list[str]) -> int:
+    """`fewstep train-teacher ...` = `fewstep distill --method teacher ...`."""
+    if "--method" in argv:
+        raise ConfigError("train-teacher always uses --method teacher; drop --method")
+    return cmd_distill(["--method", "teacher", *argv])
 
 
 def cmd_sample(argv: list[str]) -> int:
@@ -144,7 +160,8 @@ def cmd_methods(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "sample": cmd_sample, "methods": cmd_methods}
+COMMANDS = {"distill": cmd_distill, "train-teacher": cmd_train_teacher, "sample": cmd_sample,
+            "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

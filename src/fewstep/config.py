@@ -262,8 +262,6 @@ def validate_train(c: TrainConfig) -> None:
     need(c.max_nan_steps >= 1, "--max_nan_steps must be >= 1")
     sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name) if s]
     need(len(sources) <= 1, "give one data source: --train_data_dir, --train_shards_path_or_url or --dataset_name")
-    need(c.pretrained_teacher_model is not None,
-         "--pretrained_teacher_model is required (a diffusers folder or hub id)")
     from diffusers.optimization import SchedulerType
 
     names = [s.value for s in SchedulerType]

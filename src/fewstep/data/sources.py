@@ -106,6 +106,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"pixel_values": self.transform.open(path, gen), "caption": str(caption)}
 
     def __getitem__(self, index: int):
+        epoch, index = divmod(index, len(self))  # see EpochSampler: indices carry the epoch
+        self.epoch = epoch
         try:
             return self.load(index)
         except BadSample as e:

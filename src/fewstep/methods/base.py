@@ -40,6 +40,16 @@ class StepOutput:
 class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
+    needs_teacher: ClassVar[bool] = True  # --pretrained_teacher_model is required
+
+    @classmethod
+    def make_bundle(cls, cfg, mcfg):
+        """The models this method starts from: by default the teacher folder, weights loaded (fp32)."""
+        from ..models.bundle import load_bundle
+
+        return load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
+                           vae_path=cfg.pretrained_vae_model_name_or_path,
+                           vae_encode_batch_size=cfg.vae_encode_batch_size)
 
     def __init__(self, cfg, mcfg, bundle, accelerator):
         self.cfg, self.mcfg, self.bundle, self.accelerator = cfg, mcfg, bundle, accelerator

@@ -23,7 +23,7 @@ from ..diffusion.schedule import (
     skip_step_grid,
 )
 from ..export import export_pipeline
-from ..models.bundle import cat_cond, frozen_copy
+from ..models.bundle import cat_cond, frozen_copy, weight_dtype_of
 from ..training.ema import ema_update
 from .base import Group, Method, StepOutput, register
 
@@ -61,6 +61,9 @@ class LCM(Method):
 
     def __init__(self, cfg, mcfg: LCMConfig, bundle, accelerator):
         super().__init__(cfg, mcfg, bundle, accelerator)
+        # Frozen parts in the mixed-precision dtype; the teacher UNet too with --cast_teacher_unet.
+        wdt = weight_dtype_of(cfg.mixed_precision)
+        bundle.to(accelerator.device, dtype=wdt, unet_dtype=wdt if cfg.cast_teacher_unet else torch.float32)
         self.teacher = bundle.unet
         self.student = bundle.new_denoiser(time_cond_proj_dim=mcfg.unet_time_cond_proj_dim)
         if cfg.gradient_checkpointing:

@@ -93,9 +93,11 @@ class SDBundle:
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
         vae_root, vae_sub = (vae_path, None) if vae_path else (root, "vae")
         if weights:
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-            vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub)
-            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+            # fp32 whatever the stored dtype: trainable copies start from it, and methods cast frozen
+            # parts to the mixed-precision dtype themselves.
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch.float32)
+            vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, torch_dtype=torch.float32)
+            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch.float32)
         else:
             unet = UNet2DConditionModel.load_config(root, subfolder="unet")
             vae = AutoencoderKL.load_config(vae_root, subfolder=vae_sub)
@@ -210,6 +212,11 @@ class SDBundle:
 def load_bundle(path: str, **kw) -> SDBundle:
     """Pick the family from the folder's model_index.json (only SD1.x/2.x today)."""
     return SDBundle.load(path, **kw)
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen networks are held in under --mixed_precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def frozen_copy(module):

@@ -20,7 +20,7 @@ from ..config import RunSpec
 from ..data import build_dataset, collate
 from ..export import write_model_card
 from ..methods import REGISTRY
-from ..models.bundle import load_bundle
+from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
 from .checkpoint import resolve_resume, save_checkpoint
 
 log = logging.getLogger("fewstep")
@@ -80,11 +80,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
-def weight_dtype_of(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+        # Indices carry the epoch (epoch · n + i) so that persistent data-loader workers, which hold
+        # their own copy of the data set, still seed per-epoch augmentations correctly.
+        return iter((torch.randperm(self.n, generator=g) + self.epoch * self.n).tolist())
 
 
 def make_optimizer(cfg, params, lr):
@@ -144,11 +142,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        wdt = weight_dtype_of(cfg.mixed_precision)
-        self.bundle = bundle or load_bundle(
-            cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
-            vae_path=cfg.pretrained_vae_model_name_or_path, vae_encode_batch_size=cfg.vae_encode_batch_size)
-        self.bundle.to(acc.device, dtype=wdt, unet_dtype=wdt if cfg.cast_teacher_unet else torch.float32)
+        method_cls = REGISTRY[cfg.method]
+        self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
         if cfg.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401
@@ -157,11 +152,13 @@ class Trainer:
                                  "(pip install xformers); without it PyTorch SDPA is used") from None
             self.bundle.unet.enable_xformers_memory_efficient_attention()
 
-        self.method = REGISTRY[cfg.method](cfg, spec.method, self.bundle, acc)
+        # The method moves and casts what it holds frozen; trainables stay fp32 (autocast does the rest).
+        self.method = method_cls(cfg, spec.method, self.bundle, acc)
         groups = self.method.groups()
         if cfg.enable_xformers_memory_efficient_attention:
             for g in groups.values():
-                g.module.enable_xformers_memory_efficient_attention()
+                if hasattr(g.module, "enable_xformers_memory_efficient_attention"):
+                    g.module.enable_xformers_memory_efficient_attention()
         from diffusers.optimization import get_scheduler
 
         self.names = list(groups)
@@ -185,6 +182,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.train_batch_size, sampler=self.sampler, collate_fn=collate,
             num_workers=cfg.dataloader_num_workers, drop_last=is_map,
+            persistent_workers=cfg.dataloader_num_workers > 0,
             generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
 
         prepared = acc.prepare(*[groups[n].module for n in self.names],

@@ -130,7 +130,7 @@ class Teacher(Method):
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.scale = LatentScale().to(accelerator.device)
-        self.ema = frozen_copy(self.unet) if mcfg.teacher_ema_decay > 0 else None
+        self.ema = frozen_copy(self.unet).to(accelerator.device) if mcfg.teacher_ema_decay > 0 else None
 
     def groups(self):
         return {"vae": Group(self.vae, lr=self.mcfg.vae_learning_rate), "unet": Group(self.unet)}

@@ -197,6 +197,10 @@ class SDBundle:
         allowed = {k for k in student.state_dict() if k.startswith("time_embedding.cond_proj")}
         if unexpected or set(missing) - allowed:
             raise RuntimeError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
+        if student.time_embedding.cond_proj is not None:
+            # Zero-init the guidance projection so the student starts as exactly the teacher; the
+            # reference scripts leave it random, which perturbs every prediction at step 0.
+            torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
         return student.float().train()
 
     # ---- export --------------------------------------------------------------------------

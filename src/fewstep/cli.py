@@ -11,14 +11,16 @@ from .config import ALIASES, ConfigError, TrainConfig, describe, load_yaml, pars
 USAGE = """usage: fewstep <command> [options]
 
 commands:
+  demo       distil the bundled MNIST teacher and report quality vs steps (no arguments needed)
   distill    distil a teacher into a few-step student   (fewstep distill --help)
   train-teacher  train a small text-to-image teacher from scratch (same options as distill)
   sample     generate images with a trained student     (fewstep sample --help)
+  eval       quality vs steps of teachers and students  (fewstep eval --help)
   methods    list the distillation methods
 """
 
 
-def _method_configs():
+def method_configs():
     from .methods import REGISTRY
 
     return {name: cls.Config for name, cls in REGISTRY.items()}
@@ -28,7 +30,7 @@ def parse_run(argv: list[str]):
     """YAML (--config) first, command-line flags on top; returns a validated RunSpec."""
     import dataclasses
 
-    mconfigs = _method_configs()
+    mconfigs = method_configs()
     bool_keys = {f.name for c in [TrainConfig, *mconfigs.values()] for f in dataclasses.fields(c)
                  if f.type in ("bool", bool)}
     bool_keys |= {a for a, k in ALIASES.items() if k in bool_keys}
@@ -160,7 +162,75 @@ def cmd_methods(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "train-teacher": cmd_train_teacher, "sample": cmd_sample,
+def cmd_eval(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fewstep eval", description=(
+        "Quality vs sampling steps: generate the same prompts and seeds with every model, scheduler and step "
+        "count; Fréchet distance to reference images, digit accuracy, seconds per image; write a report."))
+    p.add_argument("--model", action="append", required=True,
+                   help="LABEL=FOLDER (repeat). LCMScheduler folders are students; others are teachers")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="students and baselines")
+    p.add_argument("--teacher_steps", type=int, nargs="+", default=[25, 50], help="teachers with DDIM")
+    p.add_argument("--baselines", nargs="*", default=["ddim", "dpm++"],
+                   help="teacher schedulers at --steps: ddim (trailing spacing), ddim-leading (the SD default), "
+                        "dpm++, euler")
+    p.add_argument("--num_images", type=int, default=1000)
+    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--guidance_scale", type=float, default=None, help="default: each folder's recommendation")
+    p.add_argument("--features", default="digits", choices=["digits", "inception", "random"])
+    p.add_argument("--inception_weights", default=None, help="local FID Inception weights (offline)")
+    p.add_argument("--reference", default="mnist-heldout",
+                   help="mnist-heldout (the 1,000 bundled held-out digits), an MNIST IDX folder, or an image folder")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the ten digits)")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--out", default="fewstep-eval")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    from .eval.metrics import EXTRACTORS
+    from .eval.run import evaluate, load_reference, plan_runs
+
+    models = []
+    for m in a.model:
+        label, eq, path = m.partition("=")
+        models.append((label, path) if eq else (Path(m).name, m))
+    runs = plan_runs(models, a.steps, a.teacher_steps, a.baselines, a.guidance_scale)
+    prompts = None
+    if a.prompts:
+        prompts = [ln.strip() for ln in Path(a.prompts).read_text().splitlines() if ln.strip()]
+    extractor = EXTRACTORS[a.features](a.inception_weights) if a.features == "inception" else EXTRACTORS[a.features]()
+    res = evaluate(runs, load_reference(a.reference, a.resolution or 32), extractor, a.num_images, Path(a.out),
+                   prompts, a.resolution, a.batch_size, a.device)
+    from .eval.report import markdown_table
+
+    print(markdown_table(res))
+    print(f"report: {Path(a.out) / 'report.md'}")
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fewstep demo", description=(
+        "Distil the bundled MNIST teacher with LCD, evaluate teacher vs student at 1/2/4 steps, write a report."))
+    p.add_argument("--output_dir", default="fewstep-demo")
+    p.add_argument("--max_train_steps", type=int, default=None, help="default: the embedded 300")
+    p.add_argument("--num_images", type=int, default=500, help="images per evaluated row")
+    a = p.parse_args(argv)
+    from .demo import run_demo
+
+    s = run_demo(a.output_dir, a.max_train_steps, a.num_images)
+    print(f"\nfewstep demo: trained in {s['train_seconds']} s, {s['total_seconds']} s in all")
+    print(f"Fréchet distance to held-out digits (lower is better), {a.num_images} images each:")
+    print(f"  teacher, DDIM 25 steps:        {s['teacher_ddim_25']:.2f}")
+    print(f"  teacher, DDIM 1 / 4 steps:     {s['teacher_ddim_1']:.2f} / {s['teacher_ddim_4']:.2f}")
+    print(f"  teacher, DPM-Solver++ 4 steps: {s['teacher_dpm++_4']:.2f}")
+    print(f"  student (LCD), 1 / 4 steps:    {s['student_1']:.2f} / {s['student_4']:.2f}")
+    print(f"report: {s['report']}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "distill": cmd_distill, "train-teacher": cmd_train_teacher, "sample": cmd_sample,
             "methods": cmd_methods}
 
 

@@ -89,8 +89,11 @@ def tiny_sd_components(prediction_type: str = "epsilon", image_size: int = 32, t
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    tdir = tokenizer_dir or write_clip_tokenizer(tempfile.mkdtemp(prefix="fewstep-tok-"), words, model_max_length)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tdir))
+    if tokenizer_dir:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="fewstep-tok-") as tmp:
+            tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, words, model_max_length)))
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,

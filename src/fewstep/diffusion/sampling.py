@@ -13,12 +13,14 @@ from .schedule import guidance_scale_embedding
 
 
 def make_scheduler(kind: str, scheduler_config: dict, **overrides):
-    """A diffusers scheduler by short name: lcm, ddim, dpm++ (DPM-Solver++ 2M), euler, ddpm."""
+    """A diffusers scheduler by short name: lcm, ddim (trailing spacing), ddim-leading (as SD ships it),
+    dpm++ (DPM-Solver++ 2M), euler, ddpm."""
     import diffusers
 
     classes = {
         "lcm": diffusers.LCMScheduler,
         "ddim": diffusers.DDIMScheduler,
+        "ddim-leading": diffusers.DDIMScheduler,
         "dpm++": diffusers.DPMSolverMultistepScheduler,
         "euler": diffusers.EulerDiscreteScheduler,
         "ddpm": diffusers.DDPMScheduler,
@@ -30,8 +32,11 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
         overrides.setdefault("algorithm_type", "dpmsolver++")
         overrides.setdefault("solver_order", 2)
     if kind == "ddim":
-        # The teacher's training config may say "leading"; trailing spacing reaches t=999 at few steps.
+        # SD configs say "leading", whose first step at 4 steps is t=751, not 999: few-step sampling from
+        # pure noise then starts from the wrong noise level. "trailing" is the fair few-step baseline.
         overrides.setdefault("timestep_spacing", "trailing")
+    if kind == "ddim-leading":
+        overrides.setdefault("timestep_spacing", "leading")
     return classes[kind].from_config({**cfg, **overrides})
 
 

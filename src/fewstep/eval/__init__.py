@@ -1,0 +1,1 @@
+"""Evaluation: Fréchet distances with pluggable features, digit fidelity, quality-vs-steps reports."""

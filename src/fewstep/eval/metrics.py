@@ -1,0 +1,116 @@
+"""Fréchet distance between image sets under pluggable feature extractors, and digit fidelity.
+
+An extractor is any callable ``images [N, 3, H, W] in [0, 1] → features [N, D]`` with a ``name``.
+Offline by default: the shipped digit classifier's penultimate layer. Inception (the usual FID) goes
+through torchmetrics when the user has its weights; tests use a fixed random conv net in its place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    f = features.double().cpu().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^½) (Dowson & Landau 1982; FID, Heusel et al. 2017)."""
+    try:
+        from scipy import linalg
+    except ImportError:
+        raise RuntimeError("Fréchet distances need scipy: pip install scipy") from None
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    s1, s2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():  # singular product: regularise both covariances slightly
+        off = np.eye(s1.shape[0]) * eps
+        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = covmean.real
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean), 0.0))
+
+
+class DigitFeatures:
+    """Penultimate features (128-d) of the shipped MNIST classifier."""
+
+    name = "digit-classifier"
+
+    def __init__(self, model=None):
+        from .digits import load_digit_classifier
+
+        self.model = model or load_digit_classifier()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.features(images.float().cpu())
+
+
+class RandomConvFeatures:
+    """A fixed random-weight conv net: a stand-in for Inception in tests (no weights to download)."""
+
+    name = "random-conv"
+
+    def __init__(self, dim: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = torch.randn(32, 3, 3, 3, generator=g) / 3
+        self.w2 = torch.randn(dim, 32, 3, 3, generator=g) / 10
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float().cpu(), size=(32, 32), mode="bilinear", align_corners=False)
+        x = F.max_pool2d(F.relu(F.conv2d(x, self.w1, padding=1)), 2)
+        x = F.relu(F.conv2d(x, self.w2, padding=1))
+        return x.mean((2, 3))
+
+
+class InceptionFeatures:
+    """The standard FID features (Inception-v3 pool3, 2048-d) through torchmetrics, from local weights.
+
+    torchmetrics downloads the FID Inception weights on first use; offline, pass ``weights_path`` to
+    the ``pt_inception-2015-12-05`` file or pre-populate torch's hub cache.
+    """
+
+    name = "inception-v3"
+
+    def __init__(self, weights_path: str | None = None):
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ImportError:
+            raise RuntimeError("Inception features need torchmetrics and torch-fidelity: "
+                               "pip install 'fewstep[eval]' torch-fidelity") from None
+        try:
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=weights_path).eval()
+        except Exception as e:
+            raise RuntimeError(f"could not load Inception weights ({type(e).__name__}: {e}); offline, pass the "
+                               "path of pt_inception-2015-12-05-6726825d.pth as weights_path") from None
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.clamp(0, 1) * 255).to(torch.uint8)
+        return self.net(x).reshape(len(x), -1)
+
+
+EXTRACTORS = {"digits": DigitFeatures, "inception": InceptionFeatures, "random": RandomConvFeatures}
+
+
+def frechet_distance_between(extractor, images_a: torch.Tensor, images_b: torch.Tensor,
+                             batch_size: int = 256) -> float:
+    def feats(x):
+        return torch.cat([extractor(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    return frechet_distance(*feature_stats(feats(images_a)), *feature_stats(feats(images_b)))
+
+
+@torch.no_grad()
+def digit_accuracy(images: torch.Tensor, labels: torch.Tensor, model=None) -> float:
+    """How often the shipped classifier reads the digit the prompt asked for."""
+    from .digits import load_digit_classifier
+
+    model = model or load_digit_classifier()
+    preds = torch.cat([model(images[i:i + 512].float().cpu()).argmax(1) for i in range(0, len(images), 512)])
+    return float((preds == labels.cpu()).float().mean())

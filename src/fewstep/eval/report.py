@@ -1,0 +1,76 @@
+"""The evaluation report folder: report.md (table), results.json (every number), grid.png (rows: runs,
+same seeds across a row), distance_vs_steps.png."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def markdown_table(results) -> str:
+    rows = ["| model | scheduler | steps | guidance | Fréchet distance | digit accuracy | s / image |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        acc = "–" if r.digit_accuracy is None else f"{100 * r.digit_accuracy:.1f}%"
+        rows.append(f"| {r.label} | {r.scheduler} | {r.steps} | {r.guidance_scale:g} | {r.frechet_distance:.2f} | "
+                    f"{acc} | {r.seconds_per_image:.4f} |")
+    return "\n".join(rows)
+
+
+def labelled_grid(grids: list[tuple[str, torch.Tensor]], label_width: int = 150) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for label, imgs in grids:
+        strip = torch.cat(list(imgs), dim=-1).clamp(0, 1)
+        arr = (strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        canvas = Image.new("RGB", (label_width + arr.shape[1], arr.shape[0]), "white")
+        canvas.paste(Image.fromarray(arr), (label_width, 0))
+        ImageDraw.Draw(canvas).text((4, arr.shape[0] // 2 - 6), label, fill="black")
+        rows.append(np.asarray(canvas))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def plot_distance(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list] = {}
+    for r in results:
+        series.setdefault(f"{r.label} ({r.scheduler})", []).append((r.steps, r.frechet_distance))
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("Fréchet distance (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, results, grids, meta: dict) -> None:
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]},
+                                                     indent=2) + "\n")
+    Image.fromarray(labelled_grid(grids)).save(out_dir / "grid.png")
+    plot_distance(results, out_dir / "distance_vs_steps.png")
+    text = (f"# Quality vs steps\n\n{meta.get('num_images')} images per row, same prompts and seeds for every "
+            f"model; Fréchet distance with the `{meta.get('extractor')}` features against "
+            f"{meta.get('reference_images')} reference images; device {meta.get('device')}.\n\n"
+            + markdown_table(results) + "\n\n![grid](grid.png)\n\n![distance](distance_vs_steps.png)\n")
+    (out_dir / "report.md").write_text(text)

@@ -1,0 +1,171 @@
+"""`fewstep eval`: quality versus sampling steps, for teachers, baselines and students alike.
+
+Every run (a model × a scheduler × a step count) generates the same N prompts with the same seeds
+through the sampler users run (:func:`fewstep.diffusion.sampling.sample_images`), then is scored with
+a Fréchet distance to a reference image set under a pluggable feature extractor, the prompt fidelity
+(for digits: the shipped classifier's accuracy on the digit asked for), and seconds per image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+
+
+@dataclass
+class RunSpec:
+    label: str  # model label as given on the command line
+    model: str  # diffusers folder
+    scheduler: str  # lcm, ddim, dpm++, ...
+    steps: int
+    guidance_scale: float
+
+
+@dataclass
+class RunResult:
+    label: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    frechet_distance: float
+    digit_accuracy: float | None
+    seconds_per_image: float
+    extra: dict = field(default_factory=dict)
+
+
+def _sampling_hints(model: str) -> dict:
+    p = Path(model) / "fewstep_sampling.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _scheduler_class(model: str) -> str:
+    p = Path(model) / "scheduler" / "scheduler_config.json"
+    return json.loads(p.read_text()).get("_class_name", "") if p.is_file() else ""
+
+
+def plan_runs(models: list[tuple[str, str]], steps: list[int], teacher_steps: list[int], baselines: list[str],
+              guidance_scale: float | None = None) -> list[RunSpec]:
+    """Students (LCMScheduler folders) at ``steps``; other models (teachers) with DDIM at
+    ``teacher_steps`` and with each baseline scheduler at ``steps``."""
+    runs = []
+    for label, path in models:
+        if not (Path(path) / "model_index.json").is_file():
+            raise ConfigError(f"--model {label}={path}: not a diffusers pipeline folder (no model_index.json)")
+        gs = guidance_scale if guidance_scale is not None else _sampling_hints(path).get("guidance_scale", 1.0)
+        if _scheduler_class(path) == "LCMScheduler":
+            runs += [RunSpec(label, path, "lcm", n, gs) for n in steps]
+        else:
+            runs += [RunSpec(label, path, "ddim", n, gs) for n in teacher_steps]
+            runs += [RunSpec(label, path, b, n, gs) for b in baselines for n in steps]
+    return runs
+
+
+def make_prompts(n: int, prompts: list[str] | None) -> list[str]:
+    from .mnist import caption_for
+
+    base = prompts or [caption_for(d) for d in range(10)]
+    return [base[i % len(base)] for i in range(n)]
+
+
+def generate(run: RunSpec, prompts: list[str], seeds: list[int], resolution: int | None, batch_size: int,
+             device: str, bundles: dict, progress=None) -> tuple[torch.Tensor, float]:
+    """Images in [0, 1] for every (prompt, seed), and seconds per image."""
+    from ..diffusion.sampling import make_scheduler, sample_images
+    from ..models.bundle import load_bundle
+
+    if run.model not in bundles:
+        bundles[run.model] = load_bundle(run.model).to(device)
+    b = bundles[run.model]
+    res = resolution or b.unet.config.sample_size * b.vae_scale
+    extra = {}
+    if run.scheduler == "lcm":
+        # A student's folder carries its own LCMScheduler config (original steps, scaling).
+        import diffusers
+
+        sched = diffusers.LCMScheduler.from_config(b.scheduler_config)
+    else:
+        sched = make_scheduler(run.scheduler, b.scheduler_config, **extra)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        out.append(sample_images(b, b.unet, sched, prompts[i:i + batch_size], seeds[i:i + batch_size], run.steps,
+                                 run.guidance_scale, res, res).cpu())
+        if progress is not None:
+            progress.update(len(out[-1]))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return torch.cat(out), (time.perf_counter() - t0) / len(prompts)
+
+
+def evaluate(runs: list[RunSpec], reference: torch.Tensor, extractor, n: int, out_dir: Path,
+             prompts: list[str] | None = None, resolution: int | None = None, batch_size: int = 250,
+             device: str | None = None, grid_columns: int = 10) -> list[RunResult]:
+    """Generate, score, and write the report folder; returns every number."""
+    from tqdm.auto import tqdm
+
+    from .metrics import digit_accuracy, feature_stats, frechet_distance
+    from .mnist import label_from_prompt
+    from .report import write_report
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = make_prompts(n, prompts)
+    seeds = list(range(n))
+    labels = [label_from_prompt(p) for p in prompts]
+    with torch.no_grad():
+        ref_stats = feature_stats(_features(extractor, reference, batch_size))
+    results, grids = [], []
+    bundles: dict = {}
+    bar = tqdm(total=n * len(runs), desc="generating", unit="img")
+    for run in runs:
+        images, spi = generate(run, prompts, seeds, resolution, batch_size, device, bundles, bar)
+        with torch.no_grad():
+            fd = frechet_distance(*ref_stats, *feature_stats(_features(extractor, images, batch_size)))
+        acc = None
+        if all(lab is not None for lab in labels):
+            acc = digit_accuracy(images, torch.tensor(labels))
+        results.append(RunResult(run.label, run.scheduler, run.steps, run.guidance_scale, fd, acc, spi))
+        grids.append((f"{run.label} {run.scheduler} {run.steps}", images[:grid_columns]))
+    bar.close()
+    write_report(out_dir, results, grids, meta={"num_images": n, "extractor": extractor.name,
+                                                 "reference_images": len(reference), "device": device})
+    return results
+
+
+def load_reference(spec: str, resolution: int = 32) -> torch.Tensor:
+    """Reference images in [0, 1]: the bundled held-out digits, an MNIST IDX folder, or an image folder."""
+    from .mnist import IMAGES, load_eval_arrays
+
+    if spec == "mnist-heldout":
+        from ..demo import eval_reference
+
+        return eval_reference()
+    p = Path(spec)
+    if (p / IMAGES).is_file():
+        return load_eval_arrays(p)[0]
+    if p.is_dir():
+        import numpy as np
+        from PIL import Image
+
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise ConfigError(f"--reference {spec}: no images there")
+        arrs = [np.asarray(Image.open(f).convert("RGB").resize((resolution, resolution), Image.BICUBIC))
+                for f in files]
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255
+    raise ConfigError(f"--reference {spec}: not 'mnist-heldout', an MNIST folder or an image folder")
+
+
+def _features(extractor, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([extractor(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
+
+
+def results_to_json(results: list[RunResult]) -> list[dict]:
+    return [asdict(r) for r in results]

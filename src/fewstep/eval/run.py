@@ -19,7 +19,7 @@ from ..config import ConfigError
 
 
 @dataclass
-class RunSpec:
+class EvalRun:
     label: str  # model label as given on the command line
     model: str  # diffusers folder
     scheduler: str  # lcm, ddim, dpm++, ...
@@ -50,7 +50,7 @@ def _scheduler_class(model: str) -> str:
 
 
 def plan_runs(models: list[tuple[str, str]], steps: list[int], teacher_steps: list[int], baselines: list[str],
-              guidance_scale: float | None = None) -> list[RunSpec]:
+              guidance_scale: float | None = None) -> list[EvalRun]:
     """Students (LCMScheduler folders) at ``steps``; other models (teachers) with DDIM at
     ``teacher_steps`` and with each baseline scheduler at ``steps``."""
     runs = []
@@ -59,10 +59,10 @@ def plan_runs(models: list[tuple[str, str]], steps: list[int], teacher_steps: li
             raise ConfigError(f"--model {label}={path}: not a diffusers pipeline folder (no model_index.json)")
         gs = guidance_scale if guidance_scale is not None else _sampling_hints(path).get("guidance_scale", 1.0)
         if _scheduler_class(path) == "LCMScheduler":
-            runs += [RunSpec(label, path, "lcm", n, gs) for n in steps]
+            runs += [EvalRun(label, path, "lcm", n, gs) for n in steps]
         else:
-            runs += [RunSpec(label, path, "ddim", n, gs) for n in teacher_steps]
-            runs += [RunSpec(label, path, b, n, gs) for b in baselines for n in steps]
+            runs += [EvalRun(label, path, "ddim", n, gs) for n in teacher_steps]
+            runs += [EvalRun(label, path, b, n, gs) for b in baselines for n in steps]
     return runs
 
 
@@ -73,7 +73,7 @@ def make_prompts(n: int, prompts: list[str] | None) -> list[str]:
     return [base[i % len(base)] for i in range(n)]
 
 
-def generate(run: RunSpec, prompts: list[str], seeds: list[int], resolution: int | None, batch_size: int,
+def generate(run: EvalRun, prompts: list[str], seeds: list[int], resolution: int | None, batch_size: int,
              device: str, bundles: dict, progress=None) -> tuple[torch.Tensor, float]:
     """Images in [0, 1] for every (prompt, seed), and seconds per image."""
     from ..diffusion.sampling import make_scheduler, sample_images
@@ -103,7 +103,7 @@ def generate(run: RunSpec, prompts: list[str], seeds: list[int], resolution: int
     return torch.cat(out), (time.perf_counter() - t0) / len(prompts)
 
 
-def evaluate(runs: list[RunSpec], reference: torch.Tensor, extractor, n: int, out_dir: Path,
+def evaluate(runs: list[EvalRun], reference: torch.Tensor, extractor, n: int, out_dir: Path,
              prompts: list[str] | None = None, resolution: int | None = None, batch_size: int = 250,
              device: str | None = None, grid_columns: int = 10) -> list[RunResult]:
     """Generate, score, and write the report folder; returns every number."""

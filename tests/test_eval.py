@@ -1,0 +1,118 @@
+"""Evaluation: the Fréchet distance against closed forms, the shipped classifier, the report, the demo."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.eval.metrics import (
+    DigitFeatures,
+    RandomConvFeatures,
+    digit_accuracy,
+    feature_stats,
+    frechet_distance,
+    frechet_distance_between,
+)
+from fewstep.eval.mnist import caption_for, label_from_prompt, split_indices
+
+
+def test_frechet_distance_closed_forms():
+    # 1-D: (m1 − m2)² + s1 + s2 − 2√(s1 s2)
+    assert frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 4 + 9 - 2 * 6)
+    # diagonal covariances: per-dimension sum
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([1.0, 1.0])
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 1.0])
+    expected = 1 + (1 + 4 - 2 * 2) + (4 + 1 - 2 * 2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected)
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected)  # symmetric
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
+
+
+def test_feature_stats_match_numpy():
+    f = torch.randn(50, 3, dtype=torch.float64)
+    mu, sigma = feature_stats(f)
+    assert np.allclose(mu, f.numpy().mean(0)) and np.allclose(sigma, np.cov(f.numpy(), rowvar=False))
+
+
+def _heldout():
+    from fewstep.demo import SUBSET, eval_reference
+
+    return eval_reference(), torch.from_numpy(np.load(SUBSET)["eval_labels"].astype(np.int64))
+
+
+def test_shipped_classifier_reads_heldout_digits():
+    images, labels = _heldout()
+    assert digit_accuracy(images, labels) >= 0.98  # recorded: 0.989 (digit_classifier.json)
+
+
+@pytest.mark.parametrize("extractor", [DigitFeatures, RandomConvFeatures])
+def test_distance_is_near_zero_for_a_set_and_large_for_blank_images(extractor):
+    images, _ = _heldout()
+    ex = extractor()
+    a, b = images[:500], images[500:]
+    same = frechet_distance_between(ex, a, a)
+    halves = frechet_distance_between(ex, a, b)  # two samples of one distribution
+    blank = frechet_distance_between(ex, a, torch.zeros_like(a) + 0.01 * torch.rand_like(a))
+    assert same < 1e-6 and halves < blank / 5 and blank > 100 * max(halves, 1e-3) / 10
+
+
+def test_captions_and_split():
+    for d in range(10):
+        assert label_from_prompt(caption_for(d)) == d
+    assert label_from_prompt("a photo of a cat") is None
+    tr, ev = split_indices(10000)
+    assert len(tr) == 9000 and len(ev) == 1000 and not set(tr) & set(ev)
+
+
+def test_write_mnist_folder(tmp_path):
+    from PIL import Image
+
+    from conftest import SHARED
+    from fewstep.eval.mnist import write_mnist_folder
+
+    root = SHARED / "data" / "mnist"
+    if not root.is_dir():
+        pytest.skip(f"MNIST files not at {root} (a developer checkout has them in ../shared)")
+    out = write_mnist_folder(root, tmp_path / "m", "eval", limit=20)
+    assert len(list(out.glob("*.png"))) == 20 and len(list(out.glob("*.txt"))) == 20
+    assert Image.open(out / "00000.png").size == (32, 32)
+    assert (out / "00000.txt").read_text().startswith("a handwritten digit ")
+
+
+def test_eval_report_on_tiny_models(tiny_teacher, caption_folder, tmp_path):
+    from conftest import run_args
+    from fewstep.cli import main
+    from fewstep.eval.run import EvalRun, evaluate, generate, plan_runs
+
+    student = tmp_path / "student"
+    assert main(["distill", *run_args(tiny_teacher, caption_folder, student, max_train_steps=1)]) == 0
+    runs = plan_runs([("teacher", str(tiny_teacher)), ("student", str(student))], [1, 2], [4], ["ddim"])
+    assert [(r.label, r.scheduler, r.steps) for r in runs] == [
+        ("teacher", "ddim", 4), ("teacher", "ddim", 1), ("teacher", "ddim", 2),
+        ("student", "lcm", 1), ("student", "lcm", 2)]
+    n = 12
+    # The reference is exactly what the first run generates: its distance must be ~0.
+    from fewstep.eval.run import make_prompts
+
+    ref, _ = generate(EvalRun("teacher", str(tiny_teacher), "ddim", 4, 1.0), make_prompts(n, None), list(range(n)),
+                      None, 6, "cpu", {})
+    res = evaluate(runs, ref, RandomConvFeatures(), n, tmp_path / "report", batch_size=6)
+    assert res[0].frechet_distance < 1e-6
+    assert all(r.frechet_distance > 1e-6 for r in res[1:])  # other samplers: other images
+    assert all(r.seconds_per_image > 0 and 0 <= r.digit_accuracy <= 1 for r in res)
+    for f in ("report.md", "results.json", "grid.png", "distance_vs_steps.png"):
+        assert (tmp_path / "report" / f).is_file(), f
+    data = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert len(data["results"]) == 5 and data["meta"]["num_images"] == n
+
+
+def test_demo_code_path_on_a_small_budget(tmp_path):
+    from fewstep.demo import run_demo
+
+    s = run_demo(str(tmp_path / "demo"), max_train_steps=2, num_images=10, steps=(1,),
+                 extra={"validation_steps": 2, "train_batch_size": 4})
+    assert (tmp_path / "demo" / "student" / "unet" / "config.json").is_file()
+    assert (tmp_path / "demo" / "student" / "validation" / "step-0000002.png").is_file()
+    assert (tmp_path / "demo" / "report" / "report.md").is_file()
+    assert s["teacher_ddim_25"] > 0 and s["student_1"] > 0 and s["teacher_ddim_1"] > 0

@@ -116,3 +116,36 @@ def test_demo_code_path_on_a_small_budget(tmp_path):
     assert (tmp_path / "demo" / "student" / "validation" / "step-0000002.png").is_file()
     assert (tmp_path / "demo" / "report" / "report.md").is_file()
     assert s["teacher_ddim_25"] > 0 and s["student_1"] > 0 and s["teacher_ddim_1"] > 0
+
+
+def test_clip_score_matches_its_definition(tmp_path):
+    """A tiny random CLIPModel stands in for a real one: the score is 100·max(cos, 0) of its embeddings."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from fewstep.eval.metrics import ClipScore
+    from fewstep.testing import write_clip_tokenizer
+
+    tok_dir = write_clip_tokenizer(tmp_path / "clip", model_max_length=16)
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=16,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                      pad_token_id=tok.pad_token_id),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    cs = ClipScore(str(tmp_path / "clip"))
+    images = torch.rand(3, 3, 32, 32)
+    prompts = ["a handwritten digit one", "a photo of a cat", "a handwritten digit seven"]
+    score = cs(images, prompts)
+    m = cs.model
+    x = (images - cs.mean) / cs.std
+    ids = tok(prompts, padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        i = m.get_image_features(pixel_values=x)
+        t = m.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+    i, t = getattr(i, "pooler_output", i), getattr(t, "pooler_output", t)
+    ref = (100 * torch.nn.functional.cosine_similarity(i, t).clamp(min=0)).mean().item()
+    assert score == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    assert 0 <= score <= 100

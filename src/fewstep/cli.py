@@ -180,6 +180,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--guidance_scale", type=float, default=None, help="default: each folder's recommendation")
     p.add_argument("--features", default="digits", choices=["digits", "inception", "random"])
     p.add_argument("--inception_weights", default=None, help="local FID Inception weights (offline)")
+    p.add_argument("--clip_model", default=None, help="local CLIP model folder: adds the CLIP score")
     p.add_argument("--reference", default="mnist-heldout",
                    help="mnist-heldout (the 1,000 bundled held-out digits), an MNIST IDX folder, or an image folder")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the ten digits)")
@@ -199,8 +200,13 @@ def cmd_eval(argv: list[str]) -> int:
     if a.prompts:
         prompts = [ln.strip() for ln in Path(a.prompts).read_text().splitlines() if ln.strip()]
     extractor = EXTRACTORS[a.features](a.inception_weights) if a.features == "inception" else EXTRACTORS[a.features]()
+    clip = None
+    if a.clip_model:
+        from .eval.metrics import ClipScore
+
+        clip = ClipScore(a.clip_model)
     res = evaluate(runs, load_reference(a.reference, a.resolution or 32), extractor, a.num_images, Path(a.out),
-                   prompts, a.resolution, a.batch_size, a.device)
+                   prompts, a.resolution, a.batch_size, a.device, clip=clip)
     from .eval.report import markdown_table
 
     print(markdown_table(res))

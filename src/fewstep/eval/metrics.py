@@ -113,3 +113,38 @@ def digit_accuracy(images: torch.Tensor, labels: torch.Tensor, model=None) -> fl
     model = model or load_digit_classifier()
     preds = torch.cat([model(images[i:i + 512].float().cpu()).argmax(1) for i in range(0, len(images), 512)])
     return float((preds == labels.cpu()).float().mean())
+
+
+class ClipScore:
+    """CLIP score (Hessel et al. 2021): 100 · max(cos(image embedding, text embedding), 0), averaged.
+
+    Runs a local ``transformers`` CLIPModel folder (nothing is downloaded); images are resized to the
+    model's input size and normalised with its processor statistics.
+    """
+
+    def __init__(self, model_path: str):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        self.path = str(model_path)
+        try:
+            self.model = CLIPModel.from_pretrained(model_path).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(model_path)
+        except Exception as e:
+            raise RuntimeError(f"--clip_model {model_path}: not a local CLIP model folder ({e})") from None
+        cfg = self.model.config.vision_config
+        self.size = cfg.image_size
+        self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> float:
+        x = F.interpolate(images.float().cpu(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = (x.clamp(0, 1) - self.mean) / self.std
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=self.tokenizer.model_max_length)
+        img = self.model.get_image_features(pixel_values=x)
+        txt = self.model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+        img = getattr(img, "pooler_output", img)
+        txt = getattr(txt, "pooler_output", txt)
+        cos = F.cosine_similarity(img, txt, dim=-1)
+        return float((100 * cos.clamp(min=0)).mean())

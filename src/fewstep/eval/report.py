@@ -12,12 +12,15 @@ import torch
 
 
 def markdown_table(results) -> str:
-    rows = ["| model | scheduler | steps | guidance | Fréchet distance | digit accuracy | s / image |",
-            "|---|---|---|---|---|---|---|"]
+    clip = any(r.clip_score is not None for r in results)
+    rows = ["| model | scheduler | steps | guidance | Fréchet distance | digit accuracy | "
+            + ("CLIP score | " if clip else "") + "s / image |",
+            "|---|---|---|---|---|---|" + ("---|" if clip else "") + "---|"]
     for r in results:
         acc = "–" if r.digit_accuracy is None else f"{100 * r.digit_accuracy:.1f}%"
+        cs = (f"{r.clip_score:.2f} | " if r.clip_score is not None else "– | ") if clip else ""
         rows.append(f"| {r.label} | {r.scheduler} | {r.steps} | {r.guidance_scale:g} | {r.frechet_distance:.2f} | "
-                    f"{acc} | {r.seconds_per_image:.4f} |")
+                    f"{acc} | {cs}{r.seconds_per_image:.4f} |")
     return "\n".join(rows)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ class RunResult:
     frechet_distance: float
     digit_accuracy: float | None
     seconds_per_image: float
-    extra: dict = field(default_factory=dict)
+    clip_score: float | None = None
 
 
 def _sampling_hints(model: str) -> dict:
@@ -105,7 +105,7 @@ def generate(run: EvalRun, prompts: list[str], seeds: list[int], resolution: int
 
 def evaluate(runs: list[EvalRun], reference: torch.Tensor, extractor, n: int, out_dir: Path,
              prompts: list[str] | None = None, resolution: int | None = None, batch_size: int = 250,
-             device: str | None = None, grid_columns: int = 10) -> list[RunResult]:
+             device: str | None = None, grid_columns: int = 10, clip=None) -> list[RunResult]:
     """Generate, score, and write the report folder; returns every number."""
     from tqdm.auto import tqdm
 
@@ -131,10 +131,12 @@ def evaluate(runs: list[EvalRun], reference: torch.Tensor, extractor, n: int, ou
         acc = None
         if all(lab is not None for lab in labels):
             acc = digit_accuracy(images, torch.tensor(labels))
-        results.append(RunResult(run.label, run.scheduler, run.steps, run.guidance_scale, fd, acc, spi))
+        cs = clip(images, prompts) if clip is not None else None
+        results.append(RunResult(run.label, run.scheduler, run.steps, run.guidance_scale, fd, acc, spi, cs))
         grids.append((f"{run.label} {run.scheduler} {run.steps}", images[:grid_columns]))
     bar.close()
     write_report(out_dir, results, grids, meta={"num_images": n, "extractor": extractor.name,
+                                                 "clip_model": getattr(clip, "path", None),
                                                  "reference_images": len(reference), "device": device})
     return results
 

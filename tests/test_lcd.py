@@ -210,3 +210,21 @@ def test_empty_prompt_dropout_and_student_init(tiny_teacher, caption_folder, tmp
             continue
         assert torch.equal(v, teacher_sd[k]), k
     assert student.time_embedding.cond_proj.in_features == 256
+
+
+def test_gradient_accumulation_and_bf16_autocast(tiny_teacher, caption_folder, tmp_path):
+    """Two micro-batches per optimizer step; bf16 autocast with the teacher held in bf16; the student
+    and its optimizer state stay fp32."""
+    tr = make_trainer(tiny_teacher, caption_folder, tmp_path / "o", gradient_accumulation_steps=2,
+                      mixed_precision="bf16", cast_teacher_unet=True, max_train_steps=2)
+    tr.start()
+    before = {k: v.clone() for k, v in tr.acc.unwrap_model(tr.method.student).state_dict().items()}
+    logs = tr.step()
+    assert tr.state.step == 1 and tr.state.batch_in_epoch == 2  # one step consumed two batches
+    assert tr.bundle.unet.dtype == torch.bfloat16 and tr.bundle.vae.dtype == torch.bfloat16
+    student = tr.acc.unwrap_model(tr.method.student)
+    assert student.dtype == torch.float32
+    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert np.isfinite(logs["loss"]) and logs["grad_norm"] > 0
+    state = tr.opts["student"].optimizer.state
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())

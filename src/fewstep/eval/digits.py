@@ -1,7 +1,10 @@
 """A small MNIST classifier, trained by the project and shipped: the offline feature extractor for
 Fréchet distances on digits (its penultimate layer) and the judge of prompt fidelity.
 
-    python -m fewstep.eval.digits --mnist ../shared/data/mnist
+Trained on the 9,000 training digits of :mod:`fewstep.eval.mnist`'s split, scored on the 1,000 held-out
+ones; about a minute on 2 CPU cores, deterministic for a given seed (it reproduces the shipped weights):
+
+    python -m fewstep.eval.digits --mnist ../shared/data/mnist --out src/fewstep/assets/digit_classifier.safetensors
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ ASSET = Path(__file__).resolve().parents[1] / "assets" / "digit_classifier.safet
 
 
 class DigitNet(nn.Module):
-    """Three conv-pool stages (32 → 16 → 8 → 4 px) → 128-d features → 10 logits; inputs 32×32 in [0, 1]."""
+    """Three conv-pool stages (32 → 16 → 8 → 4 px) → 128-d features → 10 logits.
+
+    Inputs are images in [0, 1], [N, 1, H, W] or RGB [N, 3, H, W] (channels are averaged); other sizes
+    than 32×32 are resized bilinearly.
+    """
 
     def __init__(self):
         super().__init__()
@@ -33,7 +40,7 @@ class DigitNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 3:
             x = x.mean(1, keepdim=True)
-        if x.shape[-1] != 32:
+        if tuple(x.shape[-2:]) != (32, 32):
             x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
         return F.relu(self.fc(self.drop(self.conv(x).flatten(1))))
 
@@ -42,6 +49,7 @@ class DigitNet(nn.Module):
 
 
 def load_digit_classifier(path: str | Path | None = None) -> DigitNet:
+    """The classifier in eval mode, fp32 on the CPU; by default the one shipped in ``fewstep/assets``."""
     from safetensors.torch import load_file
 
     p = Path(path) if path else ASSET
@@ -59,6 +67,8 @@ def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_digit_classifier(root, out_path=ASSET, epochs: int = 12, seed: int = 0) -> dict:
+    """Train on the training split of the MNIST files in ``root``, score on the held-out split, and save
+    fp16 safetensors at ``out_path`` with a ``.json`` sidecar (the returned dict: accuracy, epochs, ...)."""
     from safetensors.torch import save_file
 
     from .mnist import load_eval_arrays, read_mnist, split_indices, to_tensor
@@ -67,7 +77,7 @@ def train_digit_classifier(root, out_path=ASSET, epochs: int = 12, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     images, labels = read_mnist(root)
     tr = split_indices(len(images))[0]
-    x, y = to_tensor(images[tr])[:, :1], torch.from_numpy(labels[tr].astype("int64"))
+    x, y = to_tensor(images[tr]), torch.from_numpy(labels[tr].astype("int64"))
     xe, ye = load_eval_arrays(root)
     net = DigitNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -85,22 +95,33 @@ def train_digit_classifier(root, out_path=ASSET, epochs: int = 12, seed: int = 0
             sched.step()
     net.eval()
     with torch.no_grad():
-        acc = (net(xe).argmax(1) == ye).float().mean().item()
-    info = {"eval_accuracy": acc, "eval_images": len(xe), "train_images": len(x), "epochs": epochs, "seed": seed,
-            "train_seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d")}
+        correct = int((net(xe).argmax(1) == ye).sum())
+    info = {"accuracy": correct / len(xe), "eval_images": len(xe), "train_images": len(x), "epochs": epochs,
+            "seed": seed, "train_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
     out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(out))
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> dict:
     import argparse
 
     p = argparse.ArgumentParser(description="Train the digit classifier used by fewstep eval.")
-    p.add_argument("--mnist", required=True)
+    p.add_argument("--mnist", required=True, help="folder with the MNIST IDX .gz files")
     p.add_argument("--out", default=str(ASSET))
     p.add_argument("--epochs", type=int, default=12)
-    a = p.parse_args()
-    torch.set_num_threads(2)
-    print(train_digit_classifier(a.mnist, a.out, a.epochs))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    info = train_digit_classifier(a.mnist, a.out, a.epochs, a.seed)
+    print(f"eval accuracy {100 * info['accuracy']:.2f}% on {info['eval_images']} held-out digits; "
+          f"trained in {info['train_seconds']} s; wrote {a.out}")
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -111,6 +111,12 @@ def build_accelerator(cfg, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another mixed
+    # precision; several runs in one process (benchmarks, the demo, tests) each get a fresh one.
+    # The distributed PartialState (ranks, process group) is kept.
+    AcceleratorState._reset_state()
     log_with = None if cfg.report_to == "none" else cfg.report_to
     if log_with == "wandb":
         try:

@@ -109,9 +109,8 @@ def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
 
 def build_accelerator(cfg, out: Path):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     # accelerate keeps one process-wide state and refuses a second Accelerator with another mixed
     # precision; several runs in one process (benchmarks, the demo, tests) each get a fresh one.

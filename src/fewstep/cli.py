@@ -15,6 +15,7 @@ commands:
   distill    distil a teacher into a few-step student   (fewstep distill --help)
   train-teacher  train a small text-to-image teacher from scratch (same options as distill)
   sample     generate images with a trained student     (fewstep sample --help)
+  export     merge a LoRA student into a full pipeline   (fewstep export --fuse ...)
   eval       quality vs steps of teachers and students  (fewstep eval --help)
   methods    list the distillation methods
 """
@@ -214,6 +215,35 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fewstep export", description=(
+        "Write a LoRA student (fewstep distill output with LoRA) as a full diffusers pipeline folder, "
+        "the LoRA merged into the UNet."))
+    p.add_argument("--model", required=True, help="the LoRA output folder of fewstep distill")
+    p.add_argument("--fuse", action="store_true", help="merge the LoRA into the UNet (required today)")
+    p.add_argument("--output_dir", required=True)
+    a = p.parse_args(argv)
+    from .models.bundle import load_bundle
+    from .models.lora import is_lora_folder, make_lcm_scheduler
+
+    if not is_lora_folder(a.model):
+        raise ConfigError(f"--model {a.model} is not a fewstep LoRA folder (no fewstep_lora.json / "
+                          "pytorch_lora_weights.safetensors); full-model students are pipeline folders already")
+    if not a.fuse:
+        raise ConfigError("pass --fuse: export writes the base model with the LoRA merged in")
+    from .export import export_pipeline
+
+    bundle = load_bundle(a.model)
+    export_pipeline(bundle, bundle.unet, make_lcm_scheduler(a.model, bundle), Path(a.output_dir))
+    hints = Path(a.model) / "fewstep_sampling.json"
+    if hints.is_file():
+        (Path(a.output_dir) / "fewstep_sampling.json").write_text(hints.read_text())
+    print(f"fused pipeline written to {a.output_dir}")
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     import argparse
 
@@ -237,7 +267,7 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "distill": cmd_distill, "train-teacher": cmd_train_teacher, "sample": cmd_sample,
+COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "distill": cmd_distill, "export": cmd_export, "train-teacher": cmd_train_teacher, "sample": cmd_sample,
             "methods": cmd_methods}
 
 

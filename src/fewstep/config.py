@@ -87,7 +87,7 @@ class TrainConfig:
     validation_steps: int = 200  # 0 disables validation grids
     validation_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS))
     validation_inference_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    validation_guidance_scale: float = 8.0  # guidance scale of validation samples (LCMs: w + 1)
+    validation_guidance_scale: float | None = None  # guidance of validation samples (default: the method's)
     max_nan_steps: int = 20  # consecutive non-finite losses tolerated before stopping
 
 

@@ -193,6 +193,8 @@ class Teacher(Method):
             return torch.zeros(n, 3, self.cfg.resolution, self.cfg.resolution)
         self.bundle.vae.register_to_config(scaling_factor=float(self.scale.value))
         sched = make_scheduler("ddim", self.bundle.scheduler_config)
+        if guidance_scale is None:
+            guidance_scale = self.mcfg.teacher_guidance_scale
         with self.accelerator.autocast():
             return sample_images(self.bundle, self._denoiser(), sched, prompts, seeds, num_inference_steps,
                                  guidance_scale, self.cfg.resolution, self.cfg.resolution)

@@ -214,7 +214,19 @@ class SDBundle:
 
 
 def load_bundle(path: str, **kw) -> SDBundle:
-    """Pick the family from the folder's model_index.json (only SD1.x/2.x today)."""
+    """Pick the family from the folder's model_index.json (only SD1.x/2.x today). A fewstep LoRA
+    folder loads its base model with the LoRA fused in, and its LCMScheduler config."""
+    from .lora import META_FILE, fuse_into, is_lora_folder
+
+    if is_lora_folder(path):
+        meta = json.loads((Path(path) / META_FILE).read_text())
+        bundle = SDBundle.load(meta["base_model"], **kw)
+        if kw.get("weights", True):
+            fuse_into(bundle, path)
+        sched = Path(path) / "scheduler" / "scheduler_config.json"
+        if sched.is_file():
+            bundle.scheduler_config = json.loads(sched.read_text())
+        return bundle
     return SDBundle.load(path, **kw)
 
 

@@ -45,3 +45,10 @@ def run_args(teacher, data, out, **kw) -> list[str]:
     for k, v in base.items():
         argv += [f"--{k}", str(v)]
     return argv
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from fewstep.testing import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("teacher-sdxl") / "teacher")

@@ -55,6 +55,7 @@ class TrainConfig:
     resolution: int = 512  # square training resolution in pixels
     center_crop: bool = False  # center crop instead of random crop
     random_flip: bool = False  # random horizontal flip
+    use_fix_crop_and_size: bool = False  # SDXL: time ids (res, res, 0, 0, res, res) instead of the real ones
     interpolation_type: str = "bilinear"  # resize filter: bilinear, bicubic, nearest, lanczos
     proportion_empty_prompts: float = 0.0  # fraction of captions replaced by the empty prompt
     dataloader_num_workers: int = 0  # data loading worker processes per rank

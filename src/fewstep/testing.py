@@ -144,3 +144,49 @@ def write_caption_folder(out_dir: str | Path, n: int = 8, size: int = 40, seed: 
         Image.fromarray(img).save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(caps[i % len(caps)])
     return out
+
+
+def tiny_sdxl_components(prediction_type: str = "epsilon", image_size: int = 32, seed: int = 0,
+                         model_max_length: int = 16):
+    """An SDXL-shaped teacher: two text encoders (the second with projection), pooled text embeddings
+    and micro-conditioning time ids, with random weights."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="fewstep-tok-") as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, None, model_max_length)))
+    torch.manual_seed(seed)
+
+    def text_cfg(dim):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=model_max_length,
+                              projection_dim=dim, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    text_encoder = CLIPTextModel(text_cfg(32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_cfg(32))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 32, 64],
+                        latent_channels=4, layers_per_block=1, norm_num_groups=16, sample_size=image_size)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=16)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type=prediction_type,
+                                       timestep_spacing="leading", steps_offset=1)
+    return dict(tokenizer=tokenizer, tokenizer_2=tokenizer, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                vae=vae, unet=unet, scheduler=scheduler)
+
+
+def build_tiny_sdxl(out_dir: str | Path, prediction_type: str = "epsilon", **kw) -> Path:
+    """A tiny SDXL-like teacher as a StableDiffusionXLPipeline folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components(prediction_type, **kw)).save_pretrained(str(out_dir))
+    return Path(out_dir)

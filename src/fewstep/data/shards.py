@@ -87,6 +87,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 raise
             except Exception:
                 raise BadSample("corrupt image", where) from None
-            return {"pixel_values": x, "caption": sample[txt_key].decode("utf-8").strip()}
+            return {**x, "caption": sample[txt_key].decode("utf-8").strip()}
         except BadSample as e:
             return {"_bad": e.cause, "_where": e.where}

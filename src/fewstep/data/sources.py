@@ -103,7 +103,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if caption is None:
             raise BadSample("missing caption", path)
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
-        return {"pixel_values": self.transform.open(path, gen), "caption": str(caption)}
+        return {**self.transform.open(path, gen), "caption": str(caption)}
 
     def __getitem__(self, index: int):
         epoch, index = divmod(index, len(self))  # see EpochSampler: indices carry the epoch
@@ -170,7 +170,7 @@ class _HFDataset(ImageCaptionDataset):
         if caption is None:
             raise BadSample("missing caption", f"row {index}")
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
-        return {"pixel_values": self.transform.apply(row[self.ic], gen, f"row {index}"), "caption": str(caption)}
+        return {**self.transform.apply(row[self.ic], gen, f"row {index}"), "caption": str(caption)}
 
 
 def _hf_dataset(cfg, transform):

@@ -25,7 +25,7 @@ class ImageTransform:
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.filter = _FILTERS[interpolation]
 
-    def open(self, path: str, gen: torch.Generator) -> torch.Tensor:
+    def open(self, path: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
         from .sources import BadSample
 
         try:
@@ -37,7 +37,9 @@ class ImageTransform:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise BadSample("corrupt image", path) from None
 
-    def apply(self, im: Image.Image, gen: torch.Generator, where: str = "?") -> torch.Tensor:
+    def apply(self, im: Image.Image, gen: torch.Generator, where: str = "?") -> dict[str, torch.Tensor]:
+        """``pixel_values`` in [-1, 1], plus SDXL's micro-conditioning inputs: ``original_size`` (h, w)
+        of the source image and ``crop_top_left`` (top, left) of the crop in the resized image."""
         from .sources import BadSample
 
         if min(im.size) < MIN_SIDE:
@@ -58,4 +60,5 @@ class ImageTransform:
         x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         if self.random_flip and bool(torch.rand(1, generator=gen) < 0.5):
             x = x.flip(-1)
-        return x
+            left = nw - r - left  # the crop as seen in the flipped image (as diffusers' SDXL scripts do)
+        return {"pixel_values": x, "original_size": torch.tensor([h, w]), "crop_top_left": torch.tensor([top, left])}

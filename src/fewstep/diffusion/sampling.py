@@ -48,14 +48,16 @@ def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int]
     A UNet with a guidance embedding (``time_cond_proj_dim``) receives the embedding of
     guidance_scale − 1 and no CFG; otherwise CFG runs when guidance_scale > 1.
     """
+    from ..models.bundle import cat_cond
+
     device = bundle.device
     dtype = next(unet.parameters()).dtype
     n = len(prompts)
-    cond = bundle.encode_text(prompts)["encoder_hidden_states"]
+    cond = bundle.encode_text(prompts, size=(height, width))
     w_dim = unet.config.time_cond_proj_dim
     cfg = guidance_scale > 1.0 and w_dim is None
     if cfg:
-        cond = torch.cat([bundle.uncond(n)["encoder_hidden_states"], cond])
+        cond = cat_cond(bundle.uncond(n, size=(height, width)), cond)
     w_emb = None
     if w_dim is not None:
         w_emb = guidance_scale_embedding(torch.full((n,), guidance_scale - 1.0), w_dim).to(device, dtype)
@@ -68,7 +70,7 @@ def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int]
     for t in scheduler.timesteps:
         inp = torch.cat([latents] * 2) if cfg else latents
         inp = scheduler.scale_model_input(inp, t)
-        out = unet(inp, t, encoder_hidden_states=cond.to(dtype), timestep_cond=w_emb).sample
+        out = bundle.predict(unet, inp, t, cond, w_emb).to(dtype)
         if cfg:
             out_u, out_c = out.chunk(2)
             out = out_u + guidance_scale * (out_c - out_u)

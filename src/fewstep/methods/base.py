@@ -49,7 +49,8 @@ class Method:
 
         return load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
                            vae_path=cfg.pretrained_vae_model_name_or_path,
-                           vae_encode_batch_size=cfg.vae_encode_batch_size)
+                           vae_encode_batch_size=cfg.vae_encode_batch_size,
+                           use_fix_crop_and_size=cfg.use_fix_crop_and_size)
 
     def __init__(self, cfg, mcfg, bundle, accelerator):
         self.cfg, self.mcfg, self.bundle, self.accelerator = cfg, mcfg, bundle, accelerator

@@ -228,9 +228,7 @@ class LCM(Method):
         unet = self.accelerator.unwrap_model(self.student)
         gs = self.cfg.validation_guidance_scale or self.default_guidance()
         if self.mcfg.lora:
-            from diffusers import StableDiffusionPipeline
-
-            save_lora(unet, out_dir, StableDiffusionPipeline, self.bundle.root)
+            save_lora(unet, out_dir, self.bundle.pipeline_cls, self.bundle.root)
             self.scheduler().save_pretrained(Path(out_dir) / "scheduler")
             return {"scheduler": "LCMScheduler", "num_inference_steps": 4, "guidance_scale": gs, "lora": True,
                     "guidance_note": f"LCM-LoRA: guidance was baked in at w in [{self.mcfg.w_min}, {self.mcfg.w_max}]; "

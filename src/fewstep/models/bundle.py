@@ -87,8 +87,6 @@ class SDBundle:
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if part not in index:
                 raise ConfigError(f"{root}/model_index.json has no {part!r}: not a Stable Diffusion pipeline")
-        if "text_encoder_2" in index:
-            raise ConfigError(f"{root} is an SDXL pipeline; SDXL support is not in this version of fewstep")
         sched_cfg = DDPMScheduler.load_config(root, subfolder="scheduler")
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
         vae_root, vae_sub = (vae_path, None) if vae_path else (root, "vae")
@@ -136,14 +134,14 @@ class SDBundle:
 
     # ---- conditioning ----------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> Cond:
-        """CLIP hidden states, tokenised exactly as StableDiffusionPipeline does."""
+    def encode_text(self, prompts: list[str], size=None) -> Cond:
+        """CLIP hidden states, tokenised exactly as StableDiffusionPipeline does (``size``: unused by SD)."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
         hidden = self.text_encoder(ids)[0]
         return {"encoder_hidden_states": hidden}
 
-    def uncond(self, batch_size: int) -> Cond:
+    def uncond(self, batch_size: int, size=None) -> Cond:
         """The unconditional input of classifier-free guidance: the empty prompt's embedding."""
         if self._uncond is None:
             self._uncond = self.encode_text([""])
@@ -178,8 +176,12 @@ class SDBundle:
         dtype = next(net.parameters()).dtype
         if torch.is_autocast_enabled(z.device.type):
             dtype = z.dtype  # autocast casts inside; keep inputs as they are
+        extra = {}
+        if "text_embeds" in cond:  # SDXL micro-conditioning
+            extra["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(dtype),
+                                          "time_ids": cond["time_ids"].to(dtype)}
         out = net(z.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                  timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype)).sample
+                  timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype), **extra).sample
         return out.float()
 
     def new_denoiser(self, **config_overrides):
@@ -204,6 +206,12 @@ class SDBundle:
         return student.float().train()
 
     # ---- export --------------------------------------------------------------------------
+    @property
+    def pipeline_cls(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
     def pipeline(self, unet, scheduler):
         """The vanilla diffusers pipeline running ``unet`` with ``scheduler`` and this bundle's parts."""
         from diffusers import StableDiffusionPipeline
@@ -220,13 +228,21 @@ def load_bundle(path: str, **kw) -> SDBundle:
 
     if is_lora_folder(path):
         meta = json.loads((Path(path) / META_FILE).read_text())
-        bundle = SDBundle.load(meta["base_model"], **kw)
+        bundle = load_bundle(meta["base_model"], **kw)
         if kw.get("weights", True):
             fuse_into(bundle, path)
         sched = Path(path) / "scheduler" / "scheduler_config.json"
         if sched.is_file():
             bundle.scheduler_config = json.loads(sched.read_text())
         return bundle
+    root = check_teacher_path(path, kw.get("revision"))
+    index = json.loads((Path(root) / "model_index.json").read_text()) if (Path(root) / "model_index.json").is_file() else {}
+    if "text_encoder_2" in index:
+        from .sdxl import SDXLBundle, check_sdxl
+
+        check_sdxl(index, root)
+        return SDXLBundle.load(path, **kw)
+    kw.pop("use_fix_crop_and_size", None)
     return SDBundle.load(path, **kw)
 
 

@@ -120,11 +120,7 @@ def is_lora_folder(path: str | Path) -> bool:
 
 def fuse_into(bundle, lora_dir: str | Path) -> None:
     """Load a fewstep LoRA folder into the bundle's UNet and merge it (W ← W + (α / r) B A)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
-                                   unet=bundle.unet, scheduler=make_lcm_scheduler(lora_dir, bundle),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = bundle.pipeline(bundle.unet, make_lcm_scheduler(lora_dir, bundle))
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name="fewstep")
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers

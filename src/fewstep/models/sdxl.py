@@ -1,0 +1,129 @@
+"""The SDXL family: two CLIP text encoders, pooled text embeddings and micro-conditioning time ids.
+
+Conditioning as StableDiffusionXLPipeline builds it: penultimate hidden states of CLIPTextModel and
+CLIPTextModelWithProjection concatenated, the second encoder's projected pooled output as
+``text_embeds``, ``time_ids`` = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) (height
+before width), and zeros as the unconditional input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+from .bundle import Cond, SDBundle, check_teacher_path
+
+
+class SDXLBundle(SDBundle):
+    family = "sdxl"
+
+    def __init__(self, root, tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler_config,
+                 vae_encode_batch_size=32, vae_is_fp16_safe=False, use_fix_crop_and_size=False):
+        super().__init__(root, tokenizer, text_encoder, vae, unet, scheduler_config, vae_encode_batch_size)
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        self.vae_is_fp16_safe = vae_is_fp16_safe
+        self.use_fix_crop_and_size = use_fix_crop_and_size
+
+    @classmethod
+    def load(cls, path, revision=None, vae_path=None, weights=True, vae_encode_batch_size=32,
+             use_fix_crop_and_size=False):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        root = check_teacher_path(path, revision)
+        sched_cfg = DDPMScheduler.load_config(root, subfolder="scheduler")
+        tok = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+        tok2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
+        vae_root, vae_sub = (vae_path, None) if vae_path else (root, "vae")
+        f32 = torch.float32
+        if weights:
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=f32)
+            vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, torch_dtype=f32)
+            te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=f32)
+            te2 = CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=f32)
+        else:
+            unet = UNet2DConditionModel.load_config(root, subfolder="unet")
+            vae = AutoencoderKL.load_config(vae_root, subfolder=vae_sub)
+            te = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder")
+            te2 = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder_2")
+        # The stock SDXL VAE overflows in fp16 (black images); a separately given VAE is taken to be
+        # an fp16-safe one (e.g. madebyollin/sdxl-vae-fp16-fix).
+        b = cls(root, tok, tok2, te, te2, vae, unet, sched_cfg, vae_encode_batch_size,
+                vae_is_fp16_safe=vae_path is not None, use_fix_crop_and_size=use_fix_crop_and_size)
+        if weights:
+            for m in (b.unet, b.vae, b.text_encoder, b.text_encoder_2):
+                m.requires_grad_(False).eval()
+        return b
+
+    def to(self, device, dtype=None, unet_dtype=None):
+        vae_dtype = torch.float32 if (dtype == torch.float16 and not self.vae_is_fp16_safe) else dtype
+        super().to(device, dtype=dtype, unet_dtype=unet_dtype)
+        if vae_dtype is not None and self.vae.dtype != vae_dtype:
+            self.vae.to(dtype=vae_dtype)
+        self.text_encoder_2.to(device)
+        if dtype is not None and self.text_encoder_2.dtype != dtype:
+            self.text_encoder_2.to(dtype=dtype)
+        return self
+
+    def _size(self, size):
+        if size is None:
+            s = self.unet.config.sample_size * self.vae_scale
+            return (s, s)
+        return size
+
+    def time_ids(self, n, size, original_size=None, crop_top_left=None) -> torch.Tensor:
+        h, w = self._size(size)
+        if original_size is None or self.use_fix_crop_and_size:
+            original_size = torch.tensor([[h, w]] * n)
+            crop_top_left = torch.zeros(n, 2, dtype=torch.long)
+        target = torch.tensor([[h, w]] * n)
+        return torch.cat([original_size, crop_top_left, target], dim=1).float().to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], size=None, original_size=None, crop_top_left=None) -> Cond:
+        hidden = []
+        pooled = None
+        for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(enc.device)
+            out = enc(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the projected pooled output of the second encoder
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled,
+                "time_ids": self.time_ids(len(prompts), size, original_size, crop_top_left)}
+
+    def uncond(self, batch_size: int, size=None) -> Cond:
+        """Zeros for both text inputs (SDXL's ``force_zeros_for_empty_prompt``), same time ids."""
+        if self._uncond is None or self._uncond["size"] != self._size(size):
+            c = self.encode_text([""], size)
+            self._uncond = {"size": self._size(size), "encoder_hidden_states": torch.zeros_like(c["encoder_hidden_states"]),
+                            "text_embeds": torch.zeros_like(c["text_embeds"]), "time_ids": c["time_ids"]}
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items() if k != "size"}
+
+    def encode_batch(self, batch, drop_prob: float = 0.0):
+        captions = list(batch["caption"])
+        if drop_prob > 0:
+            drop = torch.rand(len(captions)) < drop_prob
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        x0 = self.encode_images(batch["pixel_values"])
+        size = tuple(batch["pixel_values"].shape[-2:])
+        return x0, self.encode_text(captions, size, batch.get("original_size"), batch.get("crop_top_left"))
+
+    def pipeline(self, unet, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                                         tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=unet,
+                                         scheduler=scheduler)
+
+    @property
+    def pipeline_cls(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+
+def check_sdxl(index: dict, root: str) -> None:
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        if part not in index:
+            raise ConfigError(f"{root}/model_index.json has no {part!r}: not a Stable Diffusion XL pipeline")

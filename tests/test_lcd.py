@@ -228,3 +228,14 @@ def test_gradient_accumulation_and_bf16_autocast(tiny_teacher, caption_folder, t
     assert np.isfinite(logs["loss"]) and logs["grad_norm"] > 0
     state = tr.opts["student"].optimizer.state
     assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+
+
+def test_student_config_override_survives_in_memory_teachers():
+    """A teacher built in memory carries `_use_default_values`; it must not swallow time_cond_proj_dim."""
+    from fewstep.models.bundle import SDBundle
+    from fewstep.testing import tiny_sd_components
+
+    p = tiny_sd_components()
+    b = SDBundle("mem", p["tokenizer"], p["text_encoder"], p["vae"], p["unet"], dict(p["scheduler"].config))
+    student = b.new_denoiser(time_cond_proj_dim=64)
+    assert student.config.time_cond_proj_dim == 64 and student.time_embedding.cond_proj is not None

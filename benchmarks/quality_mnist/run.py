@@ -31,6 +31,8 @@ from fewstep.training.trainer import Trainer
 # (LCM-LoRA, direct distillation, DMD2, DisBack) add their entry here.
 METHODS = {
     "lcd": {},
+    # LCM-LoRA: guidance baked in at w = 3 (the teacher's CFG 4), sampled without CFG (guidance 1).
+    "lcm-lora": {"lora_rank": 16, "learning_rate": 1e-3, "w_min": 3.0, "w_max": 3.0, "validation_guidance_scale": 1.0},
 }
 HERE = Path(__file__).resolve().parent
 GUIDANCE = DEMO_DISTILL["validation_guidance_scale"]  # the teacher's recommended CFG scale
@@ -43,6 +45,7 @@ def main() -> int:
     p.add_argument("--max_train_steps", type=int, default=1000)
     p.add_argument("--num_images", type=int, default=1000)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--name", default="RESULTS", help="file name of the recorded table (and report folder suffix)")
     p.add_argument("--mnist", default=None, help="MNIST IDX folder: train on all 9,000 train digits "
                                                  "instead of the 3,000 bundled ones")
     a = p.parse_args()
@@ -66,9 +69,11 @@ def main() -> int:
         t0 = time.time()
         Trainer(resolve(cfg, method_configs())).train()
         timings[name] = round(time.time() - t0, 1)
-        runs += [EvalRun(name, str(out / name), "lcm", n, GUIDANCE) for n in (1, 2, 4, 8)]
+        gs = METHODS[name].get("validation_guidance_scale", GUIDANCE)
+        runs += [EvalRun(name, str(out / name), "lcm", n, gs) for n in (1, 2, 4, 8)]
 
-    results = evaluate(runs, eval_reference(), DigitFeatures(), a.num_images, record / "report")
+    report = record / ("report" if a.name == "RESULTS" else f"report_{a.name}")
+    results = evaluate(runs, eval_reference(), DigitFeatures(), a.num_images, report)
     by = {(r.label, r.scheduler, r.steps): r.frechet_distance for r in results}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'})"
     lines = [
@@ -77,15 +82,16 @@ def main() -> int:
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"Device: {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.  ",
         f"{a.num_images} images per row (prompts cycle over the ten digits, seeds 0..N−1, identical for every row), "
-        f"guidance scale {GUIDANCE:g} everywhere (the teacher's recommended CFG; the students embed it). "
+        f"guidance scale {GUIDANCE:g} for the teacher and LCD (the teacher's recommended CFG; LCD embeds it), "
+        "1 for LCM-LoRA (guidance baked in). "
         "Fréchet distance on the shipped digit classifier's 128-d features against the 1,000 held-out digits "
         "(lower is better); digit accuracy = the classifier reads the digit the prompt asked for.",
         "",
-        "| model | sampler | steps | Fréchet distance | digit accuracy | s / image |",
-        "|---|---|---|---|---|---|",
+        "| model | sampler | steps | guidance | Fréchet distance | digit accuracy | s / image |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r.label} | {r.scheduler} | {r.steps} | {r.frechet_distance:.2f} | "
+        lines.append(f"| {r.label} | {r.scheduler} | {r.steps} | {r.guidance_scale:g} | {r.frechet_distance:.2f} | "
                      f"{100 * r.digit_accuracy:.1f}% | {r.seconds_per_image:.4f} |")
     lines += ["", "## Training budgets", ""]
     for name, secs in timings.items():
@@ -101,8 +107,8 @@ def main() -> int:
         lines.append(f"- {name} 4-step ≤ 1/3 of teacher DDIM 4-step: trailing spacing {d4:.2f} (1/3 = {d4 / 3:.2f}) → "
                      f"{'met' if s4 <= d4 / 3 else 'NOT met'} (ratio {d4 / s4:.2f}×); SD's default leading "
                      f"spacing {l4:.2f} → {'met' if s4 <= l4 / 3 else 'NOT met'} (ratio {l4 / s4:.2f}×).")
-    (record / "RESULTS.md").write_text("\n".join(lines) + "\n")
-    (record / "summary.json").write_text(json.dumps({"timings": timings, "frechet": {
+    (record / f"{a.name}.md").write_text("\n".join(lines) + "\n")
+    (record / f"{a.name}_summary.json" if a.name != "RESULTS" else record / "summary.json").write_text(json.dumps({"timings": timings, "frechet": {
         f"{k[0]}/{k[1]}/{k[2]}": v for k, v in by.items()}}, indent=2) + "\n")
     print("\n".join(lines))
     return 0

@@ -190,3 +190,32 @@ def build_tiny_sdxl(out_dir: str | Path, prediction_type: str = "epsilon", **kw)
 
     StableDiffusionXLPipeline(**tiny_sdxl_components(prediction_type, **kw)).save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def sd15_components(tokenizer_dir: str | Path | None = None, bpe_gz: str | Path | None = None, device="cpu"):
+    """The Stable Diffusion 1.5 architecture with random weights (UNet 859.5 M, VAE 83.7 M, CLIP text
+    123.1 M parameters), for benchmarks. The tokenizer is the real CLIP vocabulary when ``bpe_gz`` (the
+    CLIP merges file) is given, else the small offline one (same model shapes)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="fewstep-tok-") as tmp:
+        tdir = tokenizer_dir or (write_clip_tokenizer_from_bpe(tmp, bpe_gz) if bpe_gz else
+                                 write_clip_tokenizer(tmp, None, 77))
+        tokenizer = CLIPTokenizer.from_pretrained(str(tdir))
+    with torch.device(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                                    num_hidden_layers=12, num_attention_heads=12,
+                                                    max_position_embeddings=77, hidden_act="quick_gelu",
+                                                    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                            sample_size=512)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)

@@ -192,7 +192,8 @@ class SDBundle:
         """
         from diffusers import UNet2DConditionModel
 
-        cfg = dict(self.unet.config)
+        # Private keys out: "_use_default_values" would make from_config ignore the overrides.
+        cfg = {k: v for k, v in self.unet.config.items() if not k.startswith("_")}
         cfg.update(config_overrides)
         student = UNet2DConditionModel.from_config(cfg)
         missing, unexpected = student.load_state_dict(self.unet.state_dict(), strict=False)

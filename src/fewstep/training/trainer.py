@@ -123,6 +123,9 @@ def build_accelerator(cfg, out: Path):
         except ImportError:
             raise SystemExit("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
     return Accelerator(
+        # On a machine without CUDA, cpu=True lets several processes started by torchrun form a gloo
+        # process group (MULTI_CPU); without it each would run alone and all would write OUT.
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=log_with,

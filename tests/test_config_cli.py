@@ -38,6 +38,10 @@ def test_yaml_then_cli_override_and_aliases(tiny_teacher, caption_folder, tmp_pa
     assert t.learning_rate == 3e-5 and t.gradient_checkpointing is True
     assert t.center_crop is True and t.random_flip is False and t.validation_inference_steps == [1, 4]
     assert m.loss_type == "huber"
+    spec = parse_run(["--config", str(y), "--lora_target_modules", "to_q,to_k", "--validation_prompts",
+                      "a cat, sitting|a dog"])
+    assert spec.method.lora_target_modules == ["to_q", "to_k"]
+    assert spec.train.validation_prompts == ["a cat, sitting", "a dog"]
 
 
 @pytest.mark.parametrize("flag,value,needle", [

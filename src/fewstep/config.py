@@ -126,7 +126,11 @@ def _convert(key: str, value: Any, tp) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v for v in (value.split("|") if inner is str else value.replace(",", " ").split()) if v]
+            # Prompts may contain commas, so they are separated by "|"; other lists by commas or spaces
+            # (diffusers' scripts take --lora_target_modules "to_q,to_k,to_v").
+            sep = "|" if key == "validation_prompts" else ","
+            value = [v.strip() for v in (value.split(sep) if inner is str else value.replace(",", " ").split())
+                     if v.strip()]
         return [_convert(key, v, inner) for v in value]
     if tp is bool:
         if isinstance(value, bool):

@@ -59,6 +59,7 @@ class TrainConfig:
     interpolation_type: str = "bilinear"  # resize filter: bilinear, bicubic, nearest, lanczos
     proportion_empty_prompts: float = 0.0  # fraction of captions replaced by the empty prompt
     dataloader_num_workers: int = 0  # data loading worker processes per rank
+    max_bad_fraction: float = 0.5  # stop when more than this fraction of samples seen is unusable
 
     # optimisation
     train_batch_size: int = 16  # per device
@@ -265,6 +266,7 @@ def validate_train(c: TrainConfig) -> None:
          "--interpolation_type must be bilinear, bicubic, nearest or lanczos")
     need(all(s >= 1 for s in c.validation_inference_steps), "--validation_inference_steps must be >= 1")
     need(c.max_nan_steps >= 1, "--max_nan_steps must be >= 1")
+    need(0 < c.max_bad_fraction <= 1, "--max_bad_fraction must be in (0, 1]")
     sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name) if s]
     need(len(sources) <= 1, "give one data source: --train_data_dir, --train_shards_path_or_url or --dataset_name")
     from diffusers.optimization import SchedulerType

@@ -100,7 +100,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> dict[str, Any]:
         path, caption = self.records[index]
-        if caption is None:
+        if caption is None or not str(caption).strip():  # an empty CSV cell or .txt file is a data error
             raise BadSample("missing caption", path)
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
         return {**self.transform.open(path, gen), "caption": str(caption)}

@@ -31,6 +31,7 @@ class TrainState:
 
     def __init__(self):
         self.step, self.epoch, self.batch_in_epoch, self.nan_steps, self.skipped = 0, 0, 0, 0, {}
+        self.samples_seen, self.bad_example = 0, None
 
     def state_dict(self):
         return dict(vars(self))
@@ -227,22 +228,36 @@ class Trainer:
         return it
 
     def _next_batch(self):
+        st = self.state
         while True:
             batch = next(self._it, None)
             if batch is None:
-                if self.state.batch_in_epoch == 0:
-                    raise SystemExit("the data source yielded no batch: check the data path and --train_batch_size")
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
+                if st.batch_in_epoch == 0 or st.samples_seen == sum(st.skipped.values()):
+                    raise SystemExit(self._bad_data_message("the data source yielded no usable sample"))
+                st.epoch += 1
+                st.batch_in_epoch = 0
                 self._it = self._epoch_iter()
                 continue
-            self.state.batch_in_epoch += 1
+            st.batch_in_epoch += 1
+            st.samples_seen += len(batch["caption"]) + sum(batch["skipped"].values())
             for cause, n in batch["skipped"].items():
-                self.state.skipped[cause] = self.state.skipped.get(cause, 0) + n
-                if self.state.skipped[cause] == n:
+                st.skipped[cause] = st.skipped.get(cause, 0) + n
+                st.bad_example = st.bad_example or batch["skipped_example"]
+                if st.skipped[cause] == n:
                     log.warning("skipping bad sample (%s), e.g. %s", cause, batch["skipped_example"])
+            bad = sum(st.skipped.values())
+            if st.samples_seen >= 64 and bad > self.cfg.max_bad_fraction * st.samples_seen:
+                raise SystemExit(self._bad_data_message(
+                    f"{bad} of the first {st.samples_seen} samples are unusable (more than "
+                    f"--max_bad_fraction {self.cfg.max_bad_fraction})"))
             if batch["caption"]:
                 return batch
+
+    def _bad_data_message(self, what: str) -> str:
+        st = self.state
+        causes = ", ".join(f"{n} {c}" for c, n in sorted(st.skipped.items(), key=lambda x: -x[1])) or "none"
+        return (f"{what}. Skipped by cause: {causes}; example: {st.bad_example or '-'}. Check the data path, "
+                "the caption files / --caption_column, and --train_batch_size against the data set size")
 
     # ---- loop --------------------------------------------------------------------------------
     def start(self) -> None:

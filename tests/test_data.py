@@ -1,0 +1,105 @@
+"""Data sources: WebDataset shards (with broken ones), metadata files, skipped samples counted by cause."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_args
+from fewstep.cli import main, parse_run
+from fewstep.data import build_dataset, collate
+
+
+def _png(size=40, seed=0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    good = [(f"s{i:03d}", {"png": _png(seed=i), "txt": f"a handwritten digit {i % 10}".encode()}) for i in range(6)]
+    write_shard(tmp_path / "000.tar", good[:3] + [("bad1", {"png": b"not an image", "txt": b"x"})])
+    write_shard(tmp_path / "001.tar", good[3:] + [("bad2", {"jpg": _png(seed=9)})])  # no caption
+    (tmp_path / "002.tar").write_bytes(b"this is not a tar file")
+    return tmp_path
+
+
+def test_shards_stream_skip_and_count(shards):
+    spec = parse_run(["--pretrained_teacher_model", "x", "--train_shards_path_or_url",
+                      str(shards / "{000..002}.tar"), "--resolution", "32"])
+    ds = build_dataset(spec.train)
+    samples = list(ds)
+    good = [s for s in samples if "_bad" not in s]
+    causes = sorted(s["_bad"] for s in samples if "_bad" in s)
+    assert len(good) == 6 and good[0]["pixel_values"].shape == (3, 32, 32)
+    assert causes == ["corrupt image", "missing caption", "unreadable shard"]
+    batch = collate(samples)
+    assert batch["pixel_values"].shape[0] == 6 and len(batch["caption"]) == 6
+    assert batch["skipped"] == {"corrupt image": 1, "missing caption": 1, "unreadable shard": 1}
+
+
+def test_shards_split_across_ranks_without_overlap(shards):
+    spec = parse_run(["--pretrained_teacher_model", "x", "--train_shards_path_or_url",
+                      str(shards / "{000..001}.tar"), "--resolution", "32"])
+    seen = []
+    for rank in range(2):
+        ds = build_dataset(spec.train)
+        ds.set_rank(rank, 2)
+        seen.append({s["caption"] + str(float(s["pixel_values"].sum())) for s in ds if "_bad" not in s})
+    assert seen[0] and seen[1] and not seen[0] & seen[1] and len(seen[0] | seen[1]) == 6
+
+
+def test_training_on_shards_with_broken_samples(tiny_teacher, shards, tmp_path):
+    args = run_args(tiny_teacher, shards, tmp_path / "o", max_train_steps=2)
+    i = args.index("--train_data_dir")
+    args[i:i + 2] = ["--train_shards_path_or_url", str(shards / "{000..002}.tar")]
+    assert main(["distill", *args]) == 0
+    assert (tmp_path / "o" / "unet" / "config.json").is_file()
+
+
+def test_metadata_csv_and_missing_captions(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png())
+    (tmp_path / "b.png").write_bytes(_png(seed=1))
+    (tmp_path / "meta.csv").write_text("image,prompt\na.png,a photo of a cat\nb.png,\n")
+    spec = parse_run(["--pretrained_teacher_model", "x", "--train_data_dir", str(tmp_path / "meta.csv"),
+                      "--resolution", "32"])
+    ds = build_dataset(spec.train)
+    assert len(ds) == 2 and ds[0]["caption"] == "a photo of a cat"
+    assert torch.is_tensor(ds[0]["pixel_values"])
+    assert ds[1]["_bad"] == "missing caption"
+
+
+def test_mostly_broken_data_stops_with_cause_and_example(tiny_teacher, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(80):
+        (folder / f"{i:03d}.png").write_bytes(_png(seed=i) if i % 4 == 0 else b"garbage")
+        (folder / f"{i:03d}.txt").write_text("a photo of a cat")
+    with pytest.raises(SystemExit) as e:
+        main(["distill", *run_args(tiny_teacher, folder, tmp_path / "o", train_batch_size=8, max_train_steps=20)])
+    msg = str(e.value)
+    assert "unusable" in msg and "corrupt image" in msg and str(folder) in msg
+
+
+def test_zero_usable_samples(tiny_teacher, tmp_path):
+    folder = tmp_path / "nocaps"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(_png(seed=i))  # images without captions
+    with pytest.raises(SystemExit) as e:
+        main(["distill", *run_args(tiny_teacher, folder, tmp_path / "o", train_batch_size=2)])
+    assert "no usable sample" in str(e.value) and "missing caption" in str(e.value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -167,7 +167,3 @@ def load_reference(spec: str, resolution: int = 32) -> torch.Tensor:
 
 def _features(extractor, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([extractor(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
-
-
-def results_to_json(results: list[RunResult]) -> list[dict]:
-    return [asdict(r) for r in results]

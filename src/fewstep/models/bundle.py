@@ -243,7 +243,10 @@ def load_bundle(path: str, **kw) -> SDBundle:
 
         check_sdxl(index, root)
         return SDXLBundle.load(path, **kw)
-    kw.pop("use_fix_crop_and_size", None)
+    if kw.pop("use_fix_crop_and_size", False):
+        import logging
+
+        logging.getLogger("fewstep").warning("--use_fix_crop_and_size only applies to SDXL teachers; %s is SD", root)
     return SDBundle.load(path, **kw)
 
 

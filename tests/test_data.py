@@ -103,3 +103,27 @@ def test_zero_usable_samples(tiny_teacher, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["distill", *run_args(tiny_teacher, folder, tmp_path / "o", train_batch_size=2)])
     assert "no usable sample" in str(e.value) and "missing caption" in str(e.value)
+
+
+def test_metadata_extra_columns_reach_the_batch(tmp_path):
+    """Columns beyond image and caption (e.g. the seed and rand_device of `fewstep generate` rows)
+    travel with each sample and are collated into batch["meta"]."""
+    for i in range(2):
+        (tmp_path / f"{i}.png").write_bytes(_png(seed=i))
+    (tmp_path / "metadata.csv").write_text(
+        "image,prompt,seed,rand_device\n0.png,a cat,7,cpu\n1.png,a dog,11,cpu\n")
+    spec = parse_run(["--pretrained_teacher_model", "x", "--train_data_dir", str(tmp_path), "--resolution", "32"])
+    ds = build_dataset(spec.train)
+    batch = collate([ds[0], ds[1]])
+    assert batch["caption"] == ["a cat", "a dog"]
+    assert batch["meta"] == {"rand_device": ["cpu", "cpu"], "seed": ["7", "11"]}
+
+
+def test_initial_noise_is_regenerable():
+    from fewstep.diffusion.noise import batch_noise, initial_noise
+
+    a = initial_noise(123, "cpu", (4, 8, 8))
+    b = batch_noise(["123", 5], ["cpu", "cpu"], (4, 8, 8))
+    assert torch.equal(a, b[0]) and not torch.equal(b[0], b[1])
+    # the same draw as diffusers' pipelines: torch.randn from Generator("cpu").manual_seed(seed)
+    assert torch.equal(a, torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(123))[0])

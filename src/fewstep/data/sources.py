@@ -1,6 +1,8 @@
 """Training data: one interface over image folders, metadata files, WebDataset shards and HF datasets.
 
-Every source yields ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str}`` per sample. A bad
+Every source yields ``{"pixel_values": (3, R, R) in [-1, 1], "caption": str}`` per sample, plus
+``"meta"``: the metadata file's other columns as strings (e.g. ``seed`` and ``rand_device`` of teacher
+data written by ``fewstep generate``), which :func:`collate` turns into ``batch["meta"][column]`` lists. A bad
 sample (unreadable image, missing caption, tiny image) becomes ``None``; :func:`collate` drops it and
 counts it by cause, so training goes on and the log says what was skipped.
 """
@@ -49,8 +51,12 @@ def _image_key(row: dict, wanted: str, where: str) -> str:
     raise ConfigError(f"{where}: no image column {wanted!r} (columns: {', '.join(row)}); set --image_column")
 
 
-def read_metadata(path: Path, image_column: str, caption_column: str) -> list[tuple[str, str | None]]:
-    """Rows of a CSV / JSON / JSONL metadata file as (image path, caption); paths relative to the file."""
+Record = tuple[str, "str | None", dict[str, str]]  # (image path, caption, other metadata columns)
+
+
+def read_metadata(path: Path, image_column: str, caption_column: str) -> list[Record]:
+    """Rows of a CSV / JSON / JSONL metadata file as (image path, caption, other columns); image paths are
+    relative to the file."""
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -70,10 +76,11 @@ def read_metadata(path: Path, image_column: str, caption_column: str) -> list[tu
         raise ConfigError(f"{path} has no rows")
     ik, ck = _image_key(rows[0], image_column, str(path)), _caption_key(rows[0], caption_column, str(path))
     base = path.parent
-    return [(str(base / r[ik]), r.get(ck)) for r in rows]
+    return [(str(base / r[ik]), r.get(ck), {k: str(v) for k, v in r.items() if k not in (ik, ck) and v is not None})
+            for r in rows]
 
 
-def scan_folder(root: Path, image_column: str, caption_column: str) -> list[tuple[str, str | None]]:
+def scan_folder(root: Path, image_column: str, caption_column: str) -> list[Record]:
     """An image folder: metadata.jsonl / metadata.csv if present, else images with .txt sidecars."""
     for name in ("metadata.jsonl", "metadata.csv", "metadata.json"):
         if (root / name).is_file():
@@ -82,14 +89,14 @@ def scan_folder(root: Path, image_column: str, caption_column: str) -> list[tupl
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() in IMAGE_EXTS and p.is_file():
             txt = p.with_suffix(".txt")
-            records.append((str(p), txt.read_text(encoding="utf-8").strip() if txt.is_file() else None))
+            records.append((str(p), txt.read_text(encoding="utf-8").strip() if txt.is_file() else None, {}))
     return records
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Map-style (image path, caption) records; transforms seeded per (seed, epoch, index)."""
 
-    def __init__(self, records: list[tuple[str, str | None]], transform: ImageTransform, seed: int = 0):
+    def __init__(self, records: list[Record], transform: ImageTransform, seed: int = 0):
         self.records, self.transform, self.seed, self.epoch = records, transform, seed, 0
 
     def __len__(self) -> int:
@@ -99,11 +106,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def load(self, index: int) -> dict[str, Any]:
-        path, caption = self.records[index]
+        path, caption, meta = self.records[index]
         if caption is None or not str(caption).strip():  # an empty CSV cell or .txt file is a data error
             raise BadSample("missing caption", path)
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
-        return {**self.transform.open(path, gen), "caption": str(caption)}
+        return {**self.transform.open(path, gen), "caption": str(caption), "meta": meta}
 
     def __getitem__(self, index: int):
         epoch, index = divmod(index, len(self))  # see EpochSampler: indices carry the epoch
@@ -125,6 +132,9 @@ def collate(samples: list[dict]) -> dict[str, Any]:
         for k in good[0]:
             if k not in batch and isinstance(good[0][k], torch.Tensor):
                 batch[k] = torch.stack([s[k] for s in good])
+        keys = sorted({k for s in good for k in s.get("meta", {})})
+        if keys:
+            batch["meta"] = {k: [s.get("meta", {}).get(k) for s in good] for k in keys}
     else:
         batch["caption"] = []
     return batch

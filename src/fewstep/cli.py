@@ -17,6 +17,7 @@ commands:
   sample     generate images with a trained student     (fewstep sample --help)
   export     merge a LoRA student into a full pipeline   (fewstep export --fuse ...)
   eval       quality vs steps of teachers and students  (fewstep eval --help)
+  generate   teacher images + metadata.csv for --method direct (fewstep generate --help)
   methods    list the distillation methods
 """
 
@@ -267,7 +268,13 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "distill": cmd_distill, "export": cmd_export, "train-teacher": cmd_train_teacher, "sample": cmd_sample,
+def cmd_generate(argv: list[str]) -> int:
+    from .generate import cmd_generate as run
+
+    return run(argv)
+
+
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "eval": cmd_eval, "distill": cmd_distill, "export": cmd_export, "train-teacher": cmd_train_teacher, "sample": cmd_sample,
             "methods": cmd_methods}
 
 

@@ -42,8 +42,12 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
 
 @torch.no_grad()
 def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int], num_inference_steps: int,
-                   guidance_scale: float, height: int, width: int) -> torch.Tensor:
+                   guidance_scale: float, height: int, width: int, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Denoised latents for one image per (prompt, seed); classifier-free guidance as the pipeline does.
+
+    ``noise``: the initial latents (B, C, h, w) to start from (as the pipeline's ``latents=`` argument),
+    e.g. :func:`fewstep.diffusion.noise.batch_noise` of recorded (seed, rand_device) pairs; by default
+    they are drawn from one CPU generator per seed.
 
     A UNet with a guidance embedding (``time_cond_proj_dim``) receives the embedding of
     guidance_scale − 1 and no CFG; otherwise CFG runs when guidance_scale > 1.
@@ -65,7 +69,12 @@ def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int]
     shape = (1, bundle.latent_channels, height // bundle.vae_scale, width // bundle.vae_scale)
     # One generator per image, as the pipeline does with a list of generators.
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+    if noise is None:
+        latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+    else:
+        if tuple(noise.shape) != (n, *shape[1:]):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(n, *shape[1:])}")
+        latents = noise.to(device, dtype)
     latents = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         inp = torch.cat([latents] * 2) if cfg else latents

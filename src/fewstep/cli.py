@@ -171,7 +171,8 @@ def cmd_eval(argv: list[str]) -> int:
         "Quality vs sampling steps: generate the same prompts and seeds with every model, scheduler and step "
         "count; Fréchet distance to reference images, digit accuracy, seconds per image; write a report."))
     p.add_argument("--model", action="append", required=True,
-                   help="LABEL=FOLDER (repeat). LCMScheduler folders are students; others are teachers")
+                   help="LABEL=FOLDER (repeat). LCMScheduler folders are students; folders whose "
+                        "fewstep_sampling.json names a sampler (direct) run with it at their steps; others are teachers")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="students and baselines")
     p.add_argument("--teacher_steps", type=int, nargs="+", default=[25, 50], help="teachers with DDIM")
     p.add_argument("--baselines", nargs="*", default=["ddim", "dpm++"],

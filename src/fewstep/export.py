@@ -40,8 +40,11 @@ def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, 
     steps = facts.get("num_inference_steps", 4)
     gs = facts.get("guidance_scale", 1.0)
     gs_num = gs
-    (Path(out_dir) / "fewstep_sampling.json").write_text(
-        json.dumps({"num_inference_steps": steps, "guidance_scale": gs}) + "\n")
+    hints = {"num_inference_steps": steps, "guidance_scale": gs}
+    if facts.get("sampler"):  # students trained for one scheduler and step count (direct distillation)
+        hints["sampler"] = facts["sampler"]
+    (Path(out_dir) / "fewstep_sampling.json").write_text(json.dumps(hints) + "\n")
+    sched = facts.get("scheduler", "LCMScheduler")
     card = f"""---
 library_name: diffusers
 base_model: {teacher}
@@ -55,10 +58,10 @@ Teacher: `{teacher}`. Scheduler: `{facts.get('scheduler', 'LCMScheduler')}`,
 
 ```python
 import torch
-from diffusers import DiffusionPipeline, LCMScheduler
+from diffusers import DiffusionPipeline, {sched}
 
 pipe = DiffusionPipeline.from_pretrained("{out_dir}")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = {sched}.from_config(pipe.scheduler.config)
 image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs_num}).images[0]
 ```
 

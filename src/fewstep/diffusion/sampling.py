@@ -14,7 +14,7 @@ from .schedule import guidance_scale_embedding
 
 def make_scheduler(kind: str, scheduler_config: dict, **overrides):
     """A diffusers scheduler by short name: lcm, ddim (trailing spacing), ddim-leading (as SD ships it),
-    dpm++ (DPM-Solver++ 2M), euler, ddpm."""
+    dpm++ (DPM-Solver++ 2M), euler, ddpm, flow-euler (flow matching)."""
     import diffusers
 
     classes = {
@@ -24,6 +24,7 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
         "dpm++": diffusers.DPMSolverMultistepScheduler,
         "euler": diffusers.EulerDiscreteScheduler,
         "ddpm": diffusers.DDPMScheduler,
+        "flow-euler": diffusers.FlowMatchEulerDiscreteScheduler,  # flow-matching teachers (SD3)
     }
     if kind not in classes:
         raise ValueError(f"unknown scheduler {kind!r}; choose from {', '.join(classes)}")

@@ -51,14 +51,18 @@ def _scheduler_class(model: str) -> str:
 
 def plan_runs(models: list[tuple[str, str]], steps: list[int], teacher_steps: list[int], baselines: list[str],
               guidance_scale: float | None = None) -> list[EvalRun]:
-    """Students (LCMScheduler folders) at ``steps``; other models (teachers) with DDIM at
-    ``teacher_steps`` and with each baseline scheduler at ``steps``."""
+    """Students (LCMScheduler folders) at ``steps``; students whose fewstep_sampling.json names a
+    ``sampler`` (direct distillation) with it at their trained step count; other models (teachers)
+    with DDIM at ``teacher_steps`` and with each baseline scheduler at ``steps``."""
     runs = []
     for label, path in models:
         if not (Path(path) / "model_index.json").is_file():
             raise ConfigError(f"--model {label}={path}: not a diffusers pipeline folder (no model_index.json)")
         gs = guidance_scale if guidance_scale is not None else _sampling_hints(path).get("guidance_scale", 1.0)
-        if _scheduler_class(path) == "LCMScheduler":
+        hints = _sampling_hints(path)
+        if hints.get("sampler"):  # a student trained for one sampler at K steps (direct distillation)
+            runs.append(EvalRun(label, path, hints["sampler"], int(hints["num_inference_steps"]), gs))
+        elif _scheduler_class(path) == "LCMScheduler":
             runs += [EvalRun(label, path, "lcm", n, gs) for n in steps]
         else:
             runs += [EvalRun(label, path, "ddim", n, gs) for n in teacher_steps]

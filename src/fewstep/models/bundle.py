@@ -148,10 +148,11 @@ class SDBundle:
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items()}
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled VAE latents, sampled from the posterior, in chunks of vae_encode_batch_size."""
+    def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Scaled VAE latents, sampled from the posterior (``sample=False``: its mean, a deterministic
+        regression target), in chunks of vae_encode_batch_size."""
         pixels = pixels.to(self.vae.device, self.vae.dtype)
-        parts = [self.vae.encode(chunk).latent_dist.sample()
+        parts = [self.vae.encode(chunk).latent_dist.sample() if sample else self.vae.encode(chunk).latent_dist.mode()
                  for chunk in pixels.split(self.vae_encode_batch_size)]
         return torch.cat(parts).float() * self.scaling_factor
 
@@ -182,7 +183,7 @@ class SDBundle:
                                           "time_ids": cond["time_ids"].to(dtype)}
         out = net(z.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                   timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype), **extra).sample
-        return out.float()
+        return out if out.dtype == torch.float64 else out.float()  # float64 kept for gradient checks
 
     def new_denoiser(self, **config_overrides):
         """A trainable fp32 copy of the teacher UNet, with config changes (e.g. time_cond_proj_dim).

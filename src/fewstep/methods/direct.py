@@ -98,10 +98,11 @@ def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int, chec
     step itself is cheap, and some schedulers advance an internal counter on every call, which must
     not happen twice."""
     scheduler.set_timesteps(num_inference_steps, device=x_T.device)
-    z = x_T * scheduler.init_noise_sigma
+    # Flow-matching schedulers have neither (their pipelines start from plain N(0, I) and feed z as is).
+    z = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
     states = [z]
     for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(z, t)
+        inp = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z
         if checkpoint and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(denoise, inp, t, use_reentrant=False)
         else:

@@ -17,8 +17,9 @@ def export_pipeline(bundle, unet, scheduler, out_dir: Path, vae_override: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(bundle.root)
     index = json.loads((root / "model_index.json").read_text())
+    denoiser = getattr(bundle, "denoiser_name", "unet")  # "transformer" for SD3
     for name in list(index):
-        if name.startswith("_") or name in ("unet", "scheduler"):
+        if name.startswith("_") or name in (denoiser, "scheduler"):
             continue
         if name in ("safety_checker", "feature_extractor", "image_encoder"):
             index[name] = [None, None]
@@ -30,7 +31,7 @@ def export_pipeline(bundle, unet, scheduler, out_dir: Path, vae_override: str | 
             shutil.copytree(src, out_dir / name, dirs_exist_ok=True)
     if "requires_safety_checker" in index:
         index["requires_safety_checker"] = False
-    unet.save_pretrained(out_dir / "unet")
+    unet.save_pretrained(out_dir / denoiser)
     scheduler.save_pretrained(out_dir / "scheduler")
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -219,3 +219,46 @@ def sd15_components(tokenizer_dir: str | Path | None = None, bpe_gz: str | Path 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
+
+
+def tiny_sd3_components(image_size: int = 32, seed: int = 0, model_max_length: int = 16):
+    """A StableDiffusion3Pipeline-shaped teacher with random weights: a 2-layer SD3Transformer2DModel
+    (patch 2), two CLIP text encoders with projection (their 32-d states side by side fill the 64-d
+    joint width), no T5 (the pipeline then uses zeros for its tokens), a VAE (÷4) with SD3's shift
+    and scale, and FlowMatchEulerDiscreteScheduler with SD3's shift 3."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="fewstep-tok-") as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, None, model_max_length)))
+    torch.manual_seed(seed)
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=model_max_length, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+    text_encoder, text_encoder_2 = clip(), clip()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 32, 64],
+                        latent_channels=4, layers_per_block=1, norm_num_groups=16, sample_size=image_size,
+                        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = SD3Transformer2DModel(sample_size=image_size // 4, patch_size=2, in_channels=4, out_channels=4,
+                                        num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=image_size // 4)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return dict(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+
+
+def build_tiny_sd3(out_dir: str | Path, **kw) -> Path:
+    """A tiny SD3-like flow-matching teacher as a StableDiffusion3Pipeline folder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    StableDiffusion3Pipeline(**tiny_sd3_components(**kw)).save_pretrained(str(out_dir))
+    return Path(out_dir)

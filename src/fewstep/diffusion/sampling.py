@@ -59,7 +59,7 @@ def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int]
     dtype = next(unet.parameters()).dtype
     n = len(prompts)
     cond = bundle.encode_text(prompts, size=(height, width))
-    w_dim = unet.config.time_cond_proj_dim
+    w_dim = getattr(unet.config, "time_cond_proj_dim", None)  # transformers have none
     cfg = guidance_scale > 1.0 and w_dim is None
     if cfg:
         cond = cat_cond(bundle.uncond(n, size=(height, width)), cond)
@@ -76,10 +76,11 @@ def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int]
         if tuple(noise.shape) != (n, *shape[1:]):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(n, *shape[1:])}")
         latents = noise.to(device, dtype)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: plain N(0, I)
     for t in scheduler.timesteps:
         inp = torch.cat([latents] * 2) if cfg else latents
-        inp = scheduler.scale_model_input(inp, t)
+        if hasattr(scheduler, "scale_model_input"):
+            inp = scheduler.scale_model_input(inp, t)
         out = bundle.predict(unet, inp, t, cond, w_emb).to(dtype)
         if cfg:
             out_u, out_c = out.chunk(2)

@@ -161,6 +161,9 @@ class Direct(Method):
         # No frozen teacher: its work is in the data. The student is the teacher's denoiser itself.
         bundle.to(accelerator.device, dtype=wdt, unet_dtype=wdt if self.lora else torch.float32)
         self.student = bundle.unet
+        if self.lora and getattr(bundle, "denoiser_name", "unet") != "unet":
+            raise ConfigError(f"--lora_rank: LoRA students are written for UNet families today; the {bundle.family} "
+                              "transformer trains as a full model (drop --lora_rank)")
         if self.lora:
             attach_lora(self.student, mcfg.lora_rank, mcfg.lora_alpha or mcfg.lora_rank, mcfg.lora_dropout,
                         mcfg.lora_target_modules)

@@ -37,10 +37,11 @@ def check_teacher_path(path: str, revision: str | None = None) -> str:
                 "checkpoints (.safetensors/.ckpt) must be converted first: "
                 "StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
             )
-        if not (p / "unet" / "config.json").is_file() or not (p / "model_index.json").is_file():
+        has_denoiser = (p / "unet" / "config.json").is_file() or (p / "transformer" / "config.json").is_file()
+        if not has_denoiser or not (p / "model_index.json").is_file():
             raise ConfigError(
                 f"--pretrained_teacher_model {path} is not a diffusers model folder: expected "
-                "model_index.json and unet/config.json inside it. Point at the folder written by "
+                "model_index.json and unet/config.json (or transformer/config.json) inside it. Point at the folder written by "
                 "pipeline.save_pretrained(...), or convert a single-file checkpoint with from_single_file"
             )
         return str(p)
@@ -224,7 +225,7 @@ class SDBundle:
 
 
 def load_bundle(path: str, **kw) -> SDBundle:
-    """Pick the family from the folder's model_index.json (only SD1.x/2.x today). A fewstep LoRA
+    """Pick the family from the folder's model_index.json (SD1.x/2.x, SDXL, SD3). A fewstep LoRA
     folder loads its base model with the LoRA fused in, and its LCMScheduler config."""
     from .lora import META_FILE, fuse_into, is_lora_folder
 
@@ -239,6 +240,10 @@ def load_bundle(path: str, **kw) -> SDBundle:
         return bundle
     root = check_teacher_path(path, kw.get("revision"))
     index = json.loads((Path(root) / "model_index.json").read_text()) if (Path(root) / "model_index.json").is_file() else {}
+    from .sd3 import SD3Bundle, is_sd3
+
+    if is_sd3(index):
+        return SD3Bundle.load(path, **{k: v for k, v in kw.items() if k != "use_fix_crop_and_size"})
     if "text_encoder_2" in index:
         from .sdxl import SDXLBundle, check_sdxl
 

@@ -91,3 +91,9 @@ def test_train_export_reload_in_vanilla_sd3_pipeline(sd3_teacher, sd3_data, tmp_
     # The trained transformer differs from the teacher's: the export is the student.
     teacher = load_bundle(str(sd3_teacher)).unet.state_dict()
     assert any(not torch.equal(v, teacher[k]) for k, v in bundle.unet.state_dict().items())
+
+
+def test_dry_run_reads_sd3_configs(sd3_teacher, sd3_data, tmp_path, capsys):
+    assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / "o", dry_run=True)) == 0
+    out = capsys.readouterr().out
+    assert "family sd3, transformer in=4 joint_attention_dim=64, FlowMatchEulerDiscreteScheduler" in out

@@ -66,8 +66,12 @@ def dry_run(spec) -> int:
         bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
                              vae_path=cfg.pretrained_vae_model_name_or_path, weights=False)
         unet = bundle.unet
-        print(f"teacher: {bundle.root} (family {bundle.family}, UNet in={unet['in_channels']} "
-              f"cross_attention_dim={unet['cross_attention_dim']}, prediction_type={bundle.schedule.prediction_type})")
+        if "cross_attention_dim" in unet:
+            print(f"teacher: {bundle.root} (family {bundle.family}, UNet in={unet['in_channels']} "
+                  f"cross_attention_dim={unet['cross_attention_dim']}, prediction_type={bundle.schedule.prediction_type})")
+        else:  # a flow-matching transformer (SD3)
+            print(f"teacher: {bundle.root} (family {bundle.family}, transformer in={unet['in_channels']} "
+                  f"joint_attention_dim={unet['joint_attention_dim']}, {bundle.scheduler_config['_class_name']})")
     ds = build_dataset(cfg)
     sample = next(iter(ds)) if hasattr(ds, "__iter__") and not hasattr(ds, "__getitem__") else ds[0]
     if "_bad" in sample:

@@ -126,11 +126,13 @@ def collate(samples: list[dict]) -> dict[str, Any]:
     bad = Counter(s["_bad"] for s in samples if "_bad" in s)
     batch: dict[str, Any] = {"skipped": dict(bad), "skipped_example": next(
         (s["_where"] for s in samples if "_bad" in s), None)}
+    if samples and "_worker" in samples[0]:  # streamed: which loader worker made this batch (resume)
+        batch["worker"] = samples[0]["_worker"]
     if good:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
         batch["caption"] = [s["caption"] for s in good]
         for k in good[0]:
-            if k not in batch and isinstance(good[0][k], torch.Tensor):
+            if k not in batch and isinstance(good[0][k], torch.Tensor) and not k.startswith("_"):
                 batch[k] = torch.stack([s[k] for s in good])
         keys = sorted({k for s in good for k in s.get("meta", {})})
         if keys:
@@ -160,10 +162,20 @@ def build_dataset(cfg, for_rank: int = 0, world: int = 1):
     if cfg.train_shards_path_or_url:
         from .shards import ShardDataset
 
-        return ShardDataset(cfg.train_shards_path_or_url, transform, cfg.seed, cfg.max_train_samples)
+        return ShardDataset(cfg.train_shards_path_or_url, transform, cfg.seed, cfg.max_train_samples,
+                            cfg.data_resampling)
+    if cfg.file_list:
+        from .filelist import FileListDataset
+
+        return FileListDataset(cfg.file_list, transform, cfg.seed, cfg.max_train_samples, cfg.data_resampling)
     if cfg.dataset_name:
         return _hf_dataset(cfg, transform)
-    raise ConfigError("no training data: pass --train_data_dir, --train_shards_path_or_url or --dataset_name")
+    if cfg.cache_dir:
+        from .cache import CachedDataset
+
+        return CachedDataset(cfg.cache_dir, cfg.max_train_samples)
+    raise ConfigError("no training data: pass --train_data_dir, --train_shards_path_or_url, --file_list, "
+                      "--dataset_name or --cache_dir")
 
 
 class _HFDataset(ImageCaptionDataset):

@@ -129,7 +129,6 @@ def collate(samples: list[dict]) -> dict[str, Any]:
     if samples and "_worker" in samples[0]:  # streamed: which loader worker made this batch (resume)
         batch["worker"] = samples[0]["_worker"]
     if good:
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
         batch["caption"] = [s["caption"] for s in good]
         for k in good[0]:
             if k not in batch and isinstance(good[0][k], torch.Tensor) and not k.startswith("_"):

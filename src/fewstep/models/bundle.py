@@ -157,7 +157,7 @@ class SDBundle:
         """Scaled latents sampled from cached posterior moments, as :meth:`encode_images` samples them."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        return DiagonalGaussianDistribution(moments.to(self.device).float()).sample() * self.scaling_factor
+        return DiagonalGaussianDistribution(moments.to(self.device).float()).sample().contiguous() * self.scaling_factor
 
     @property
     def device(self) -> torch.device:
@@ -207,7 +207,9 @@ class SDBundle:
         pixels = pixels.to(self.vae.device, self.vae.dtype)
         parts = [self.vae.encode(chunk).latent_dist.sample()
                  for chunk in pixels.split(self.vae_encode_batch_size)]
-        return torch.cat(parts).float() * self.scaling_factor
+        # Contiguous: the VAE may return channels-last tensors, and torch.randn_like(x0) draws different
+        # numbers for a different memory layout, which would make runs depend on the conv backend.
+        return torch.cat(parts).float().contiguous() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,8 @@ def cmd_cache(argv: list[str]) -> int:
     from .data.cache import write_cache
 
     out = write_cache(spec)
-    print(f"cache written to {out}; train with --cache_dir {out}")
+    if out is not None:
+        print(f"cache written to {out}; train with --cache_dir {out}")
     return 0
 
 

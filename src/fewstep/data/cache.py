@@ -139,8 +139,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
-def write_cache(spec, part_size: int = 1024) -> Path:
-    """Encode the run's data source with its teacher's VAE and text encoder(s) into ``output_dir``."""
+def write_cache(spec, part_size: int = 1024) -> Path | None:
+    """Encode the run's data source with its teacher's VAE and text encoder(s) into ``output_dir``;
+    returns it on the main process (None on the others)."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -224,4 +225,4 @@ def write_cache(spec, part_size: int = 1024) -> Path:
         os.replace(tmp, out / CACHE_FILE)
         log.info("cache of %d samples written to %s (skipped: %s)", count, out, total_skipped or "none")
     acc.wait_for_everyone()
-    return out
+    return out if acc.is_main_process else None

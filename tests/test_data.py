@@ -127,3 +127,22 @@ def test_initial_noise_is_regenerable():
     assert torch.equal(a, b[0]) and not torch.equal(b[0], b[1])
     # the same draw as diffusers' pipelines: torch.randn from Generator("cpu").manual_seed(seed)
     assert torch.equal(a, torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(123))[0])
+
+
+def test_hf_dataset_from_disk_with_broken_rows(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "ok.png").write_bytes(_png())
+    rows = {"image": [{"bytes": _png(seed=1), "path": None}, {"bytes": b"broken", "path": None},
+                      {"bytes": _png(seed=2), "path": None}],
+            "text": ["a photo of a cat", "a photo of a dog", None]}
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"image": datasets.Image(decode=False), "text": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    built = build_dataset(parse_run(["--pretrained_teacher_model", "x", "--dataset_name", str(tmp_path / "hf"),
+                                     "--resolution", "32"]).train)
+    assert len(built) == 3
+    assert built[0]["caption"] == "a photo of a cat" and built[0]["pixel_values"].shape == (3, 32, 32)
+    assert built[1]["_bad"] == "corrupt image" and built[2]["_bad"] == "missing caption"
+    with pytest.raises(Exception, match="no column 'prompt'"):
+        build_dataset(parse_run(["--pretrained_teacher_model", "x", "--dataset_name", str(tmp_path / "hf"),
+                                 "--caption_column", "prompt"]).train)

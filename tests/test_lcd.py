@@ -17,8 +17,10 @@ def make_trainer(teacher, data, out, **kw) -> Trainer:
 
 
 # Recorded on CPU (torch 2.13, diffusers 0.42): first-step LCD loss of the tiny teachers, seed 0.
-RECORDED = {"epsilon": {"l2": 0.0032119792886078358, "huber": 0.04275430366396904},
-            "v_prediction": {"l2": 0.0011871256865561008, "huber": 0.025542117655277252}}
+# (Re-recorded when encode_images began returning contiguous latents: torch.randn_like draws other
+# numbers for the channels-last tensors the CPU VAE returns.)
+RECORDED = {"epsilon": {"l2": 0.0054587721824646, "huber": 0.0579228401184082},
+            "v_prediction": {"l2": 0.0017823692178353667, "huber": 0.03293466195464134}}
 
 
 @pytest.mark.parametrize("loss_type", ["l2", "huber"])

@@ -17,6 +17,7 @@ commands:
   sample     generate images with a trained student     (fewstep sample --help)
   export     merge a LoRA student into a full pipeline   (fewstep export --fuse ...)
   eval       quality vs steps of teachers and students  (fewstep eval --help)
+  cache      precompute VAE latents and text embeddings  (fewstep cache --help)
   generate   teacher images + metadata.csv for --method direct (fewstep generate --help)
   methods    list the distillation methods
 """
@@ -73,12 +74,15 @@ def dry_run(spec) -> int:
             print(f"teacher: {bundle.root} (family {bundle.family}, transformer in={unet['in_channels']} "
                   f"joint_attention_dim={unet['joint_attention_dim']}, {bundle.scheduler_config['_class_name']})")
     ds = build_dataset(cfg)
-    sample = next(iter(ds)) if hasattr(ds, "__iter__") and not hasattr(ds, "__getitem__") else ds[0]
+    import torch
+
+    sample = next(iter(ds)) if isinstance(ds, torch.utils.data.IterableDataset) else ds[0]
     if "_bad" in sample:
         raise ConfigError(f"the first data sample is unusable ({sample['_bad']}): {sample['_where']}")
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    print(f"data: {type(ds).__name__}, first sample {tuple(sample['pixel_values'].shape)} "
+    first = sample["pixel_values"] if "pixel_values" in sample else sample["cached_moments"]
+    print(f"data: {type(ds).__name__}, first sample {tuple(first.shape)} "
           f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else ""))
     print(f"free disk at {cfg.output_dir}: {free / 2**30:.1f} GiB")
     if free < 2**30:
@@ -114,6 +118,8 @@ def cmd_train_teacher(argv: list[str]) -> int:
     """`fewstep train-teacher ...` = `fewstep distill --method teacher ...`."""
     if "--method" in argv:
         raise ConfigError("train-teacher always uses --method teacher; drop --method")
+    if any(a.split("=")[0] == "--cache_dir" for a in argv):
+        raise ConfigError("train-teacher trains the VAE on pixels: give it images (--train_data_dir, ...), not --cache_dir")
     return cmd_distill(["--method", "teacher", *argv])
 
 
@@ -157,6 +163,31 @@ def cmd_sample(argv: list[str]) -> int:
                          steps, gs, res, res)
     Image.fromarray(image_grid([imgs])).save(a.output)
     print(f"{a.output}: {len(a.prompt)} image(s), {steps} steps, guidance {gs}, {type(sched).__name__}")
+    return 0
+
+
+def cmd_cache(argv: list[str]) -> int:
+    """`fewstep cache`: the data and teacher options of distill; --output_dir is the cache folder."""
+    if "-h" in argv or "--help" in argv:
+        print("usage: fewstep cache --pretrained_teacher_model DIR (--train_data_dir D | "
+              "--train_shards_path_or_url S | --file_list F | --dataset_name N) --output_dir CACHE\n"
+              "  [--resolution R --center_crop --random_flip --interpolation_type I --mixed_precision fp16\n"
+              "   --train_batch_size B --dataloader_num_workers W --validation_prompts 'p1|p2' ...]\n\n"
+              "Writes VAE posterior moments and text embeddings; train with `fewstep distill --cache_dir CACHE`\n"
+              "and the same --pretrained_teacher_model / --resolution / transform options. Several processes\n"
+              "(accelerate launch, torchrun) split the data and write in parallel.")
+        return 0
+    spec = parse_run(argv)
+    cfg = spec.train
+    if cfg.cache_dir:
+        raise ConfigError("fewstep cache writes a cache: give it --output_dir, not --cache_dir")
+    if cfg.data_resampling:
+        raise ConfigError("--data_resampling makes an endless stream, which cannot be cached; drop it")
+    from .data.cache import write_cache
+
+    out = write_cache(spec)
+    if out is not None:
+        print(f"cache written to {out}; train with --cache_dir {out}")
     return 0
 
 
@@ -279,8 +310,8 @@ def cmd_generate(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "eval": cmd_eval, "distill": cmd_distill, "export": cmd_export, "train-teacher": cmd_train_teacher, "sample": cmd_sample,
-            "methods": cmd_methods}
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "eval": cmd_eval, "distill": cmd_distill, "export": cmd_export,
+            "train-teacher": cmd_train_teacher, "sample": cmd_sample, "cache": cmd_cache, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

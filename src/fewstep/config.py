@@ -49,6 +49,9 @@ class TrainConfig:
     train_data_dir: str | None = None  # image folder with .txt captions or metadata.jsonl/csv
     train_shards_path_or_url: str | None = None  # WebDataset shards: path, {a..b} braces, pipe:, URL
     dataset_name: str | None = None  # Hugging Face datasets name or local path
+    file_list: str | None = None  # PaddleMIX file list: lines "list_file [weight]"
+    data_resampling: bool = False  # shards / file lists: endless stream drawn with replacement, no epochs
+    cache_dir: str | None = None  # train from `fewstep cache` output: no VAE encoder, no text encoder
     image_column: str = "image"  # image column of metadata / datasets
     caption_column: str = "text"  # caption column of metadata / datasets
     max_train_samples: int | None = None  # truncate the data set to this many samples
@@ -267,8 +270,15 @@ def validate_train(c: TrainConfig) -> None:
     need(all(s >= 1 for s in c.validation_inference_steps), "--validation_inference_steps must be >= 1")
     need(c.max_nan_steps >= 1, "--max_nan_steps must be >= 1")
     need(0 < c.max_bad_fraction <= 1, "--max_bad_fraction must be in (0, 1]")
-    sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name) if s]
-    need(len(sources) <= 1, "give one data source: --train_data_dir, --train_shards_path_or_url or --dataset_name")
+    sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name, c.file_list, c.cache_dir) if s]
+    need(len(sources) <= 1, "give one data source: --train_data_dir, --train_shards_path_or_url, --dataset_name, "
+         "--file_list or --cache_dir")
+    need(not c.data_resampling or bool(c.train_shards_path_or_url or c.file_list),
+         "--data_resampling applies to streamed data: --train_shards_path_or_url or --file_list")
+    if c.cache_dir:
+        from .data.cache import check_cache
+
+        check_cache(c)  # the cache was made for this teacher and transform (no model is loaded)
     from diffusers.optimization import SchedulerType
 
     names = [s.value for s in SchedulerType]

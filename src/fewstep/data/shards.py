@@ -1,21 +1,28 @@
 """WebDataset shards: local paths with brace expansion, ``pipe:`` commands and http(s) URLs,
-streamed without downloading the data set first."""
+streamed without downloading the data set first (webdataset opens each shard as a stream).
+
+Image keys jpg/png/jpeg/webp, caption keys text/txt/caption; an optional ``json`` member may carry
+the image's size before any resizing (img2dataset's ``original_height`` / ``original_width``), which
+becomes SDXL's ``original_size``.
+"""
 
 from __future__ import annotations
 
 import io
-import zlib
+import json
 
 import torch
 
 from ..config import ConfigError
 from .sources import BadSample
+from .stream import StreamDataset
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 TEXT_KEYS = ("text", "txt", "caption")
 
 
 def expand_urls(spec: str) -> list[str]:
+    """``a/{000..009}.tar::b/x.tar`` → the list of shard URLs (webdataset's ``::`` separator)."""
     try:
         import braceexpand
     except ImportError:
@@ -26,50 +33,31 @@ def expand_urls(spec: str) -> list[str]:
     return urls
 
 
-class ShardDataset(torch.utils.data.IterableDataset):
-    """Streams samples; shards are split across ranks and workers so none is read twice per epoch."""
+class ShardDataset(StreamDataset):
+    """Samples of WebDataset shards; shards split across ranks and workers (see :mod:`.stream`)."""
 
-    def __init__(self, spec: str, transform, seed: int = 0, max_samples: int | None = None):
-        self.urls = expand_urls(spec)
-        if not self.urls:
+    def __init__(self, spec: str, transform, seed: int = 0, max_samples: int | None = None,
+                 resampling: bool = False):
+        super().__init__(seed, max_samples, resampling)
+        self.units = expand_urls(spec)
+        if not self.units:
             raise ConfigError(f"--train_shards_path_or_url {spec!r} names no shard")
-        self.transform, self.seed, self.max_samples, self.epoch = transform, seed, max_samples, 0
-        self.rank, self.world = 0, 1
+        self.transform = transform
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    @property
+    def urls(self) -> list[str]:
+        return self.units
 
-    def set_rank(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
-
-    def my_shards(self) -> list[str]:
-        info = torch.utils.data.get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        urls = [self.urls[i] for i in order.tolist()]
-        slot, nslots = self.rank * nworkers + wid, self.world * nworkers
-        return urls[slot::nslots]
-
-    def __iter__(self):
+    def raw_items(self, url: str):
         import webdataset as wds
 
-        count = 0
-        for url in self.my_shards():
-            try:
-                stream = wds.tariterators.url_opener([{"url": url}], handler=wds.reraise_exception)
-                samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(stream))
-                for i, sample in enumerate(samples):
-                    yield self._decode(sample, i)
-                    count += 1
-                    if self.max_samples and count * self.world >= self.max_samples:
-                        return
-            except Exception as e:  # unreadable shard: counted, the stream goes on
-                yield {"_bad": "unreadable shard", "_where": f"{url} ({type(e).__name__})"}
+        stream = wds.tariterators.url_opener([{"url": url}], handler=wds.reraise_exception)
+        yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(stream))
 
-    def _decode(self, sample: dict, i: int):
+    def decode(self, sample: dict) -> dict:
         from PIL import Image
 
-        where = f"{sample.get('__url__', '?')}#{sample.get('__key__', i)}"
+        where = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
         try:
             img_key = next((k for k in IMAGE_KEYS if k in sample), None)
             txt_key = next((k for k in TEXT_KEYS if k in sample), None)
@@ -77,8 +65,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 raise BadSample("missing image", where)
             if txt_key is None:
                 raise BadSample("missing caption", where)
-            seed = ((self.seed * 1_000_003 + self.epoch) * 4_294_967_296 + zlib.crc32(where.encode())) % (2**63)
-            gen = torch.Generator().manual_seed(seed)
+            caption = sample[txt_key].decode("utf-8", errors="replace").strip()
+            if not caption:
+                raise BadSample("missing caption", where)
+            gen = torch.Generator().manual_seed(self.item_seed(where))
             try:
                 with Image.open(io.BytesIO(sample[img_key])) as im:
                     im.load()
@@ -87,6 +77,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 raise
             except Exception:
                 raise BadSample("corrupt image", where) from None
-            return {**x, "caption": sample[txt_key].decode("utf-8").strip()}
+            if "json" in sample:
+                try:
+                    meta = json.loads(sample["json"])
+                    h, w = int(meta["original_height"]), int(meta["original_width"])
+                    x["original_size"] = torch.tensor([h, w])
+                except (ValueError, KeyError, TypeError):
+                    pass  # no usable original size: the image's own size stands
+            return {**x, "caption": caption}
         except BadSample as e:
             return {"_bad": e.cause, "_where": e.where}

@@ -126,11 +126,12 @@ def collate(samples: list[dict]) -> dict[str, Any]:
     bad = Counter(s["_bad"] for s in samples if "_bad" in s)
     batch: dict[str, Any] = {"skipped": dict(bad), "skipped_example": next(
         (s["_where"] for s in samples if "_bad" in s), None)}
+    if samples and "_worker" in samples[0]:  # streamed: which loader worker made this batch (resume)
+        batch["worker"] = samples[0]["_worker"]
     if good:
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
         batch["caption"] = [s["caption"] for s in good]
         for k in good[0]:
-            if k not in batch and isinstance(good[0][k], torch.Tensor):
+            if k not in batch and isinstance(good[0][k], torch.Tensor) and not k.startswith("_"):
                 batch[k] = torch.stack([s[k] for s in good])
         keys = sorted({k for s in good for k in s.get("meta", {})})
         if keys:
@@ -160,13 +161,25 @@ def build_dataset(cfg, for_rank: int = 0, world: int = 1):
     if cfg.train_shards_path_or_url:
         from .shards import ShardDataset
 
-        return ShardDataset(cfg.train_shards_path_or_url, transform, cfg.seed, cfg.max_train_samples)
+        return ShardDataset(cfg.train_shards_path_or_url, transform, cfg.seed, cfg.max_train_samples,
+                            cfg.data_resampling)
+    if cfg.file_list:
+        from .filelist import FileListDataset
+
+        return FileListDataset(cfg.file_list, transform, cfg.seed, cfg.max_train_samples, cfg.data_resampling)
     if cfg.dataset_name:
         return _hf_dataset(cfg, transform)
-    raise ConfigError("no training data: pass --train_data_dir, --train_shards_path_or_url or --dataset_name")
+    if cfg.cache_dir:
+        from .cache import CachedDataset
+
+        return CachedDataset(cfg.cache_dir, cfg.max_train_samples)
+    raise ConfigError("no training data: pass --train_data_dir, --train_shards_path_or_url, --file_list, "
+                      "--dataset_name or --cache_dir")
 
 
 class _HFDataset(ImageCaptionDataset):
+    """A Hugging Face ``datasets.Dataset``: images as decoded PIL images, paths, or {"bytes": ...}."""
+
     def __init__(self, ds, image_column, caption_column, transform, seed):
         super().__init__([], transform, seed)
         self.ds, self.ic, self.cc = ds, image_column, caption_column
@@ -175,26 +188,58 @@ class _HFDataset(ImageCaptionDataset):
         return len(self.ds)
 
     def load(self, index):
-        row = self.ds[index]
+        import io
+
+        from PIL import Image
+
+        where = f"{self.ic} of row {index}"
+        try:
+            row = self.ds[index]  # datasets decodes images on access: a broken one raises here
+        except Exception:
+            raise BadSample("corrupt image", where) from None
         caption = row.get(self.cc)
-        if caption is None:
+        if caption is None or not str(caption).strip():
             raise BadSample("missing caption", f"row {index}")
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
-        return {**self.transform.apply(row[self.ic], gen, f"row {index}"), "caption": str(caption)}
+        img = row[self.ic]
+        if isinstance(img, str):
+            return {**self.transform.open(img, gen), "caption": str(caption)}
+        if isinstance(img, dict) and img.get("bytes") is not None:
+            try:
+                img = Image.open(io.BytesIO(img["bytes"]))
+                img.load()
+            except Exception:
+                raise BadSample("corrupt image", where) from None
+        if img is None:
+            raise BadSample("missing image", where)
+        return {**self.transform.apply(img, gen, where), "caption": str(caption)}
 
 
 def _hf_dataset(cfg, transform):
+    """``--dataset_name``: a folder written by ``save_to_disk``, or anything ``load_dataset`` takes
+    (a hub name where the hub is reachable, a local data folder, a loading script)."""
     try:
         import datasets
     except ImportError:
-        raise ConfigError("--dataset_name needs the `datasets` package: pip install datasets") from None
+        raise ConfigError("--dataset_name needs the `datasets` package: pip install 'fewstep[hf]'") from None
+    p = Path(cfg.dataset_name).expanduser()
     try:
-        ds = datasets.load_dataset(cfg.dataset_name, split="train")
+        if p.is_dir() and any((p / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise ConfigError(f"--dataset_name {p} has no 'train' split (splits: {', '.join(ds)})")
+                ds = ds["train"]
+        else:
+            ds = datasets.load_dataset(cfg.dataset_name, split="train")
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError(f"--dataset_name {cfg.dataset_name}: could not load ({type(e).__name__}: {e})") from None
     for col in (cfg.image_column, cfg.caption_column):
         if col not in ds.column_names:
-            raise ConfigError(f"--dataset_name {cfg.dataset_name} has no column {col!r}; columns: {ds.column_names}")
+            raise ConfigError(f"--dataset_name {cfg.dataset_name} has no column {col!r}; columns: {ds.column_names}; "
+                              "set --image_column / --caption_column")
     if cfg.max_train_samples:
         ds = ds.select(range(min(cfg.max_train_samples, len(ds))))
     return _HFDataset(ds, cfg.image_column, cfg.caption_column, transform, cfg.seed)

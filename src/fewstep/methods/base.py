@@ -47,10 +47,16 @@ class Method:
         """The models this method starts from: by default the teacher folder, weights loaded (fp32)."""
         from ..models.bundle import load_bundle
 
-        return load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
-                           vae_path=cfg.pretrained_vae_model_name_or_path,
-                           vae_encode_batch_size=cfg.vae_encode_batch_size,
-                           use_fix_crop_and_size=cfg.use_fix_crop_and_size)
+        bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
+                             vae_path=cfg.pretrained_vae_model_name_or_path,
+                             vae_encode_batch_size=cfg.vae_encode_batch_size,
+                             use_fix_crop_and_size=cfg.use_fix_crop_and_size,
+                             text_encoders=not cfg.cache_dir)
+        if cfg.cache_dir:  # latents and text embeddings come from `fewstep cache`
+            from ..data.cache import load_text_cache
+
+            bundle.use_cache(load_text_cache(cfg.cache_dir))
+        return bundle
 
     def __init__(self, cfg, mcfg, bundle, accelerator):
         self.cfg, self.mcfg, self.bundle, self.accelerator = cfg, mcfg, bundle, accelerator

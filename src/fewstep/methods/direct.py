@@ -154,6 +154,9 @@ class Direct(Method):
         if cfg.random_flip:
             raise ConfigError("--method direct regresses onto the teacher's image from the same noise: "
                               "--random_flip would mirror the target; drop it")
+        if getattr(cfg, "cache_dir", None):
+            raise ConfigError("--cache_dir: --method direct reads the teacher's latents from `fewstep generate "
+                              "--save_latents` (its own regression targets), not from a cache; drop --cache_dir")
         if not cfg.train_data_dir:
             raise ConfigError("--method direct needs teacher data from `fewstep generate` as --train_data_dir")
         wdt = weight_dtype_of(cfg.mixed_precision)

@@ -78,8 +78,9 @@ class SDBundle:
     # ---- loading -------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str, revision: str | None = None, vae_path: str | None = None,
-             weights: bool = True, vae_encode_batch_size: int = 32) -> SDBundle:
-        """Load the teacher. With ``weights=False`` only configs are read (for --dry_run)."""
+             weights: bool = True, vae_encode_batch_size: int = 32, text_encoders: bool = True) -> SDBundle:
+        """Load the teacher. With ``weights=False`` only configs are read (for --dry_run); with
+        ``text_encoders=False`` the text encoder is not loaded (training from a cache)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -96,7 +97,8 @@ class SDBundle:
             # parts to the mixed-precision dtype themselves.
             unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch.float32)
             vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, torch_dtype=torch.float32)
-            text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch.float32)
+            text_encoder = (CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch.float32)
+                            if text_encoders else None)
         else:
             unet = UNet2DConditionModel.load_config(root, subfolder="unet")
             vae = AutoencoderKL.load_config(vae_root, subfolder=vae_sub)
@@ -104,18 +106,59 @@ class SDBundle:
         bundle = cls(root, tokenizer, text_encoder, vae, unet, sched_cfg, vae_encode_batch_size)
         if weights:
             for m in (bundle.unet, bundle.vae, bundle.text_encoder):
-                m.requires_grad_(False).eval()
+                if m is not None:
+                    m.requires_grad_(False).eval()
         return bundle
 
     def to(self, device, dtype=None, unet_dtype=None) -> SDBundle:
         """Move the frozen parts; the VAE and text encoder go to ``dtype``, the teacher to ``unet_dtype``."""
         for m, dt in ((self.text_encoder, dtype), (self.vae, dtype), (self.unet, unet_dtype)):
+            if m is None:
+                continue
             m.to(device)
             if dt is not None and dt != m.dtype:
                 m.to(dtype=dt)
         self.schedule.to(device)
         self._uncond = None
+        self._text_dtype = dtype
         return self
+
+    # ---- cached inputs (fewstep cache) -------------------------------------------------------
+    text_cache: dict[str, Cond] | None = None  # prompt → text-encoder outputs, when training from a cache
+    _text_dtype = None
+
+    def use_cache(self, text_cache: dict[str, Cond]) -> None:
+        """Train from cached latents and text embeddings: drop the VAE encoder (only decoding is left,
+        for validation images) and serve prompts from ``text_cache``; text encoders are not needed."""
+        self.text_cache = text_cache
+        self.vae.encoder = None
+        self.vae.quant_conv = None
+
+    def _cached_text(self, prompts: list[str]) -> Cond:
+        missing = [p for p in prompts if p not in self.text_cache]
+        if missing:
+            # A prompt the cache lacks (a validation prompt added later): load the encoders once.
+            import logging
+
+            logging.getLogger("fewstep").warning(
+                "prompt %r is not in the cache: loading the text encoder(s) (re-run `fewstep cache` with "
+                "this --validation_prompts to avoid it)", missing[0])
+            self.load_text_encoders()
+            return self.embed_text(prompts)
+        return {k: torch.cat([self.text_cache[p][k] for p in prompts]).to(self.device)
+                for k in self.text_cache[prompts[0]]}
+
+    def load_text_encoders(self) -> None:
+        from transformers import CLIPTextModel
+
+        self.text_encoder = CLIPTextModel.from_pretrained(self.root, subfolder="text_encoder", dtype=torch.float32)
+        self.text_encoder.requires_grad_(False).eval().to(self.device, self._text_dtype)
+
+    def latents_from_moments(self, moments: torch.Tensor) -> torch.Tensor:
+        """Scaled latents sampled from cached posterior moments, as :meth:`encode_images` samples them."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(moments.to(self.device).float()).sample().contiguous() * self.scaling_factor
 
     @property
     def device(self) -> torch.device:
@@ -135,12 +178,23 @@ class SDBundle:
 
     # ---- conditioning ----------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, prompts: list[str], size=None) -> Cond:
-        """CLIP hidden states, tokenised exactly as StableDiffusionPipeline does (``size``: unused by SD)."""
+    def embed_text(self, prompts: list[str]) -> Cond:
+        """The text encoder's outputs (what a cache stores): CLIP hidden states, tokenised exactly as
+        StableDiffusionPipeline does."""
+        if self.text_encoder is None:
+            return self._cached_text(prompts)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.text_encoder.device)
         hidden = self.text_encoder(ids)[0]
         return {"encoder_hidden_states": hidden}
+
+    def cond_from_text(self, text: Cond, size=None, original_size=None, crop_top_left=None) -> Cond:
+        """The denoiser's condition from text-encoder outputs (SD: the hidden states themselves)."""
+        return text
+
+    def encode_text(self, prompts: list[str], size=None, original_size=None, crop_top_left=None) -> Cond:
+        """The denoiser's condition for ``prompts`` at image ``size`` (h, w)."""
+        return self.cond_from_text(self.embed_text(prompts), size, original_size, crop_top_left)
 
     def uncond(self, batch_size: int, size=None) -> Cond:
         """The unconditional input of classifier-free guidance: the empty prompt's embedding."""
@@ -155,7 +209,9 @@ class SDBundle:
         pixels = pixels.to(self.vae.device, self.vae.dtype)
         parts = [self.vae.encode(chunk).latent_dist.sample() if sample else self.vae.encode(chunk).latent_dist.mode()
                  for chunk in pixels.split(self.vae_encode_batch_size)]
-        return torch.cat(parts).float() * self.scaling_factor
+        # Contiguous: the VAE may return channels-last tensors, and torch.randn_like(x0) draws different
+        # numbers for a different memory layout, which would make runs depend on the conv backend.
+        return torch.cat(parts).float().contiguous() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -164,13 +220,26 @@ class SDBundle:
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def encode_batch(self, batch: dict[str, Any], drop_prob: float = 0.0) -> tuple[torch.Tensor, Cond]:
-        """(x₀ latents, condition) of a data batch; captions dropped to "" with prob ``drop_prob``."""
+        """(x₀ latents, condition) of a data batch; captions dropped to "" with prob ``drop_prob``.
+        A batch from ``fewstep cache`` carries posterior moments and text embeddings instead of pixels."""
         captions = list(batch["caption"])
+        drop = [False] * len(captions)
         if drop_prob > 0:
-            drop = torch.rand(len(captions)) < drop_prob
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        x0 = self.encode_images(batch["pixel_values"])
-        return x0, self.encode_text(captions)
+            drop = (torch.rand(len(captions)) < drop_prob).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        if "cached_moments" in batch:
+            x0 = self.latents_from_moments(batch["cached_moments"])
+            text = {k[len("cached_text."):]: v.to(self.device) for k, v in batch.items() if k.startswith("cached_text.")}
+            if any(drop):
+                empty = self.embed_text([""])
+                rows = torch.tensor(drop, device=self.device)
+                text = {k: torch.where(rows.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype), v)
+                        for k, v in text.items()}
+        else:
+            x0 = self.encode_images(batch["pixel_values"])
+            text = self.embed_text(captions)
+        size = (x0.shape[-2] * self.vae_scale, x0.shape[-1] * self.vae_scale)  # pixels (h, w)
+        return x0, self.cond_from_text(text, size, batch.get("original_size"), batch.get("crop_top_left"))
 
     # ---- denoiser ------------------------------------------------------------------------
     def predict(self, net, z: torch.Tensor, t: torch.Tensor, cond: Cond, timestep_cond=None) -> torch.Tensor:

@@ -78,6 +78,10 @@ class SD3Bundle:
             m.requires_grad_(False).eval()
         return bundle
 
+    def use_cache(self, text_cache) -> None:
+        raise ConfigError("--cache_dir is not supported for SD3 teachers (and --method direct, the method for "
+                          "them, reads `fewstep generate --save_latents` instead); drop --cache_dir")
+
     def _modules(self):
         return [m for k, m in self.parts.items() if isinstance(m, torch.nn.Module)]
 

@@ -26,7 +26,7 @@ class SDXLBundle(SDBundle):
 
     @classmethod
     def load(cls, path, revision=None, vae_path=None, weights=True, vae_encode_batch_size=32,
-             use_fix_crop_and_size=False):
+             use_fix_crop_and_size=False, text_encoders=True):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -39,8 +39,9 @@ class SDXLBundle(SDBundle):
         if weights:
             unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=f32)
             vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, torch_dtype=f32)
-            te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=f32)
-            te2 = CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=f32)
+            te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=f32) if text_encoders else None
+            te2 = (CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=f32)
+                   if text_encoders else None)
         else:
             unet = UNet2DConditionModel.load_config(root, subfolder="unet")
             vae = AutoencoderKL.load_config(vae_root, subfolder=vae_sub)
@@ -52,7 +53,8 @@ class SDXLBundle(SDBundle):
                 vae_is_fp16_safe=vae_path is not None, use_fix_crop_and_size=use_fix_crop_and_size)
         if weights:
             for m in (b.unet, b.vae, b.text_encoder, b.text_encoder_2):
-                m.requires_grad_(False).eval()
+                if m is not None:
+                    m.requires_grad_(False).eval()
         return b
 
     def to(self, device, dtype=None, unet_dtype=None):
@@ -60,10 +62,19 @@ class SDXLBundle(SDBundle):
         super().to(device, dtype=dtype, unet_dtype=unet_dtype)
         if vae_dtype is not None and self.vae.dtype != vae_dtype:
             self.vae.to(dtype=vae_dtype)
-        self.text_encoder_2.to(device)
-        if dtype is not None and self.text_encoder_2.dtype != dtype:
-            self.text_encoder_2.to(dtype=dtype)
+        if self.text_encoder_2 is not None:
+            self.text_encoder_2.to(device)
+            if dtype is not None and self.text_encoder_2.dtype != dtype:
+                self.text_encoder_2.to(dtype=dtype)
         return self
+
+    def load_text_encoders(self) -> None:
+        from transformers import CLIPTextModelWithProjection
+
+        super().load_text_encoders()
+        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(self.root, subfolder="text_encoder_2",
+                                                                          dtype=torch.float32)
+        self.text_encoder_2.requires_grad_(False).eval().to(self.device, self._text_dtype)
 
     def _size(self, size):
         if size is None:
@@ -80,7 +91,10 @@ class SDXLBundle(SDBundle):
         return torch.cat([original_size, crop_top_left, target], dim=1).float().to(self.device)
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str], size=None, original_size=None, crop_top_left=None) -> Cond:
+    def embed_text(self, prompts: list[str]) -> Cond:
+        """Penultimate hidden states of both encoders, concatenated, and the pooled projection."""
+        if self.text_encoder is None:
+            return self._cached_text(prompts)
         hidden = []
         pooled = None
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
@@ -89,8 +103,12 @@ class SDXLBundle(SDBundle):
             out = enc(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the projected pooled output of the second encoder
-        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled,
-                "time_ids": self.time_ids(len(prompts), size, original_size, crop_top_left)}
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def cond_from_text(self, text, size=None, original_size=None, crop_top_left=None) -> Cond:
+        """Text outputs plus the micro-conditioning ``time_ids`` of each image."""
+        n = text["encoder_hidden_states"].shape[0]
+        return {**text, "time_ids": self.time_ids(n, size, original_size, crop_top_left)}
 
     def uncond(self, batch_size: int, size=None) -> Cond:
         """Zeros for both text inputs (SDXL's ``force_zeros_for_empty_prompt``), same time ids."""
@@ -99,15 +117,6 @@ class SDXLBundle(SDBundle):
             self._uncond = {"size": self._size(size), "encoder_hidden_states": torch.zeros_like(c["encoder_hidden_states"]),
                             "text_embeds": torch.zeros_like(c["text_embeds"]), "time_ids": c["time_ids"]}
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items() if k != "size"}
-
-    def encode_batch(self, batch, drop_prob: float = 0.0):
-        captions = list(batch["caption"])
-        if drop_prob > 0:
-            drop = torch.rand(len(captions)) < drop_prob
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        x0 = self.encode_images(batch["pixel_values"])
-        size = tuple(batch["pixel_values"].shape[-2:])
-        return x0, self.encode_text(captions, size, batch.get("original_size"), batch.get("crop_top_left"))
 
     def pipeline(self, unet, scheduler):
         from diffusers import StableDiffusionXLPipeline

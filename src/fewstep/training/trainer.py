@@ -32,6 +32,9 @@ class TrainState:
     def __init__(self):
         self.step, self.epoch, self.batch_in_epoch, self.nan_steps, self.skipped = 0, 0, 0, 0, {}
         self.samples_seen, self.bad_example = 0, None
+        # Streamed data: items of the current epoch consumed per rank and loader worker, so a resumed
+        # run continues each worker's stream exactly (see data/stream.py).
+        self.stream_pos: dict[int, dict[int, int]] = {}
 
     def state_dict(self):
         return dict(vars(self))
@@ -191,7 +194,9 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.train_batch_size, sampler=self.sampler, collate_fn=collate,
             num_workers=cfg.dataloader_num_workers, drop_last=is_map,
-            persistent_workers=cfg.dataloader_num_workers > 0,
+            # Streamed data sets learn their epoch and resume position in the main process; workers
+            # must be re-created per epoch to see them.
+            persistent_workers=cfg.dataloader_num_workers > 0 and is_map,
             generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
 
         prepared = acc.prepare(*[groups[n].module for n in self.names],
@@ -214,6 +219,10 @@ class Trainer:
     def _epoch_iter(self, skip: int = 0):
         epoch = self.state.epoch
         self.dataset.set_epoch(epoch)
+        if not self.is_map and hasattr(self.dataset, "set_resume"):
+            # Each worker skips what it had served in this epoch; a new epoch starts from nothing.
+            pos = self.state.stream_pos.get(self.acc.process_index, {}) if skip else {}
+            self.dataset.set_resume(pos, self.state.step)
         loader = self.acc.skip_first_batches(self.loader, skip) if (skip and self.is_map) else self.loader
         # accelerate's loaders re-set the sampler's epoch from their own iteration counter at every
         # iter(); tell them the true epoch, or a resumed run would replay epoch 0's order.
@@ -221,11 +230,7 @@ class Trainer:
             loader.set_epoch(epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        it = iter(loader)
-        if skip and not self.is_map:
-            for _ in range(skip):
-                next(it, None)
-        return it
+        return iter(loader)
 
     def _next_batch(self):
         st = self.state
@@ -236,10 +241,15 @@ class Trainer:
                     raise SystemExit(self._bad_data_message("the data source yielded no usable sample"))
                 st.epoch += 1
                 st.batch_in_epoch = 0
+                st.stream_pos = {}
                 self._it = self._epoch_iter()
                 continue
             st.batch_in_epoch += 1
-            st.samples_seen += len(batch["caption"]) + sum(batch["skipped"].values())
+            n_items = len(batch["caption"]) + sum(batch["skipped"].values())
+            st.samples_seen += n_items
+            if "worker" in batch:
+                mine = st.stream_pos.setdefault(self.acc.process_index, {})
+                mine[batch["worker"]] = mine.get(batch["worker"], 0) + n_items
             for cause, n in batch["skipped"].items():
                 st.skipped[cause] = st.skipped.get(cause, 0) + n
                 st.bad_example = st.bad_example or batch["skipped_example"]
@@ -296,9 +306,9 @@ class Trainer:
                 if cfg.validation_steps and st.step % cfg.validation_steps == 0:
                     self.validate()
                 if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps:
-                    save_checkpoint(acc, self.out, st.step, cfg.checkpoints_total_limit)
+                    self.save()
                 if stop.signum is not None:
-                    path = save_checkpoint(acc, self.out, st.step, cfg.checkpoints_total_limit)
+                    path = self.save()
                     acc.end_training()
                     msg = (f"stopped by signal {stop.signum} at step {st.step}; state saved in {path}. Resume with "
                            f"the same command plus --resume_from_checkpoint latest")
@@ -317,6 +327,16 @@ class Trainer:
             log.info("student written to %s", self.out)
         acc.end_training()
         return result
+
+    def save(self) -> Path:
+        """A checkpoint of everything; streamed-data positions of every rank are gathered first, since
+        the training state is written by the main process only."""
+        if not self.is_map and self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            mine = self.state.stream_pos.get(self.acc.process_index, {})
+            self.state.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
+        return save_checkpoint(self.acc, self.out, self.state.step, self.cfg.checkpoints_total_limit)
 
     def step(self) -> dict[str, float]:
         """One optimizer step of the phase's group (gradient_accumulation_steps micro-batches)."""

@@ -40,8 +40,12 @@ def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, 
     steps = facts.get("num_inference_steps", 4)
     gs = facts.get("guidance_scale", 1.0)
     gs_num = gs
-    (Path(out_dir) / "fewstep_sampling.json").write_text(
-        json.dumps({"num_inference_steps": steps, "guidance_scale": gs}) + "\n")
+    hints = {"num_inference_steps": steps, "guidance_scale": gs}
+    ts_arg = ""
+    if facts.get("timesteps"):  # a scheduler grid that cannot express the training timesteps
+        hints["timesteps"] = facts["timesteps"]
+        ts_arg = f", timesteps={facts['timesteps']}"
+    (Path(out_dir) / "fewstep_sampling.json").write_text(json.dumps(hints) + "\n")
     card = f"""---
 library_name: diffusers
 base_model: {teacher}
@@ -59,7 +63,7 @@ from diffusers import DiffusionPipeline, LCMScheduler
 
 pipe = DiffusionPipeline.from_pretrained("{out_dir}")
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs_num}).images[0]
+image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs_num}{ts_arg}).images[0]
 ```
 
 or `fewstep sample --model {out_dir} --prompt "a prompt" --num_inference_steps {steps}`.

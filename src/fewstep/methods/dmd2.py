@@ -393,7 +393,8 @@ class DMD2(Method):
         z, t = self.generator_input(batch, cond, B)
         return self._generate_x0(self._gen(), z, t, cond)
 
-    def guidance_loss(self, batch, cond, B):
+    def guidance_loss(self, batch, cond, B, gan: bool = True):
+        """The fake score's denoising loss on detached generator samples (+ the discriminator loss)."""
         m, sch, dev = self.mcfg, self.bundle.schedule, self.accelerator.device
         x = self.generate(batch, cond, B)
         t = torch.randint(0, self.N, (B,), device=dev)
@@ -402,7 +403,7 @@ class DMD2(Method):
         out = self.fake_score(x_t, t, cond, self.guidance)
         loss = F.mse_loss(out.float(), sch.target(x, eps, t).float())
         logs = {"loss_fake": loss.detach()}
-        if m.guidance_cls_loss_weight > 0:
+        if gan and m.guidance_cls_loss_weight > 0:
             real, real_cond = self.bundle.encode_batch(batch)
             d_fake = self._logits(self.guidance, x, cond)
             d_real = self._logits(self.guidance, real, real_cond)

@@ -210,16 +210,16 @@ class DMD2(Method):
         wdt = weight_dtype_of(cfg.mixed_precision)
         dev = accelerator.device
         self.lora = mcfg.fake_score_lora_rank is not None
-        # The frozen teacher (real score) in the mixed-precision dtype; with a LoRA fake score its base
-        # weights must stay so too (the adapters are fp32, see attach_lora).
-        bundle.to(dev, dtype=wdt, unet_dtype=wdt if (cfg.cast_teacher_unet or self.lora) else torch.float32)
+        # Trainable copies first, from the fp32 teacher weights, before the teacher is cast.
         self.generator = bundle.new_denoiser()
+        fake_unet = None if self.lora else bundle.new_denoiser()
+        # The frozen teacher (real score) in the mixed-precision dtype; with a LoRA fake score its base
+        # weights are the fake score's too and are frozen, so they go to that dtype as well.
+        bundle.to(dev, dtype=wdt, unet_dtype=wdt if (cfg.cast_teacher_unet or self.lora) else torch.float32)
         if self.lora:
             r = mcfg.fake_score_lora_rank
             attach_lora(bundle.unet, r, mcfg.fake_score_lora_alpha or r, 0.0, mcfg.fake_score_lora_target_modules)
             fake_unet = bundle.unet
-        else:
-            fake_unet = bundle.new_denoiser()
         head = None
         if mcfg.gan:
             head = ClassifierHead(bundle.unet.config.block_out_channels[-1])

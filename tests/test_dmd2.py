@@ -268,3 +268,20 @@ def test_export_reloads_in_vanilla_diffusers(kw, timesteps, tiny_teacher, captio
 
     got = np.asarray(Image.open(png)).astype(np.float32) / 255
     assert np.abs(got - ref).max() <= 1 / 255 + 1e-6
+
+
+def test_sdxl_teacher_one_step_of_each_phase(tiny_sdxl, caption_folder, tmp_path):
+    """The SDXL family (two text encoders, pooled embeds, time ids; zeros as uncond) through both phases."""
+    tr = dmd2_trainer(tiny_sdxl, caption_folder, tmp_path / "o", fake_score_lora_rank=4, gen_cls_loss_weight=5e-3,
+                      guidance_cls_loss_weight=1e-2, conditioning_timestep=399)
+    tr.start()
+    gen = tr.acc.unwrap_model(tr.method.generator)
+    g0 = [p.detach().clone() for p in gen.parameters()]
+    gen_logs, fake_logs = tr.step(), tr.step()
+    assert (gen_logs["loss"], fake_logs["loss"]) == pytest.approx(RECORDED_SDXL, rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(g0, gen.parameters()))
+    img = tr.method.sample(["a photo of a cat"], [0], 1, 0.0)
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+
+
+RECORDED_SDXL = (0.004582739435136318, 0.9809319972991943)

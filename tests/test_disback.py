@@ -33,7 +33,7 @@ def _target_weights(m):
     return {k: v.detach().clone() for k, v in m.target_unet.state_dict().items()}
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_degradation_path_then_backtracking_switches_targets(lora, tiny_teacher, caption_folder, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -123,6 +123,7 @@ def test_stages_alone(tiny_teacher, caption_folder, tmp_path):
         Trainer(parse_run(disback_args(tiny_teacher, caption_folder, tmp_path / "y", degradation_steps=6)))
 
 
+@pytest.mark.slow
 def test_resume_across_the_stage_boundary_is_exact(tiny_teacher, caption_folder, tmp_path, monkeypatch):
     common = dict(max_train_steps=6, checkpointing_steps=6, fake_score_lora_rank=4)
     assert main(["distill", *disback_args(tiny_teacher, caption_folder, tmp_path / "a", **common)]) == 0

@@ -132,8 +132,10 @@ def test_networks_start_from_the_teacher_and_lora_real_score_is_the_teacher(tiny
 def test_bad_options_are_rejected(tiny_teacher, caption_folder, tmp_path):
     with pytest.raises(ConfigError, match="backward_simulation"):
         parse_run(dmd2_args(tiny_teacher, caption_folder, tmp_path, backward_simulation=True))
-    with pytest.raises(ConfigError, match="gen_cls_loss_weight"):
-        parse_run(dmd2_args(tiny_teacher, caption_folder, tmp_path, cls_on_clean_image=True))
+    with pytest.raises(ConfigError, match="min_step_percent"):
+        parse_run(dmd2_args(tiny_teacher, caption_folder, tmp_path, min_step_percent=0.9, max_step_percent=0.5))
+    m = parse_run(dmd2_args(tiny_teacher, caption_folder, tmp_path, cls_on_clean_image=True)).method
+    assert (m.gen_cls_loss_weight, m.guidance_cls_loss_weight) == (5e-3, 1e-2)  # DMD2's switch, DMD2's weights
     with pytest.raises(ConfigError, match="must divide"):
         dmd2_trainer(tiny_teacher, caption_folder, tmp_path / "o", num_denoising_step=3)
     # DMD2's own spellings
@@ -196,6 +198,7 @@ def test_regression_loss_on_teacher_pairs(tiny_teacher, caption_folder, tmp_path
         tr2.step()
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_exact(tiny_teacher, caption_folder, tmp_path, monkeypatch):
     """5 steps straight == SIGTERM during step 2 + resume: generator, fake score + GAN head, both
     optimizers, and the phase position all continue exactly."""

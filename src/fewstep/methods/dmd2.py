@@ -94,10 +94,14 @@ class DMD2Config:
     fake_score_lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     gen_cls_loss_weight: float = 0.0  # generator GAN loss softplus(−D(fake)) weight (DMD2: 5e-3)
     guidance_cls_loss_weight: float = 0.0  # discriminator loss weight (DMD2: 1e-2); needs real images
-    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head; needs the two weights above
+    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: alone, it sets the two weights above to DMD2's
     diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
     diffusion_gan_max_timestep: int = 1000
     regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
+
+    def __post_init__(self):
+        if self.cls_on_clean_image and self.gen_cls_loss_weight == 0 and self.guidance_cls_loss_weight == 0:
+            self.gen_cls_loss_weight, self.guidance_cls_loss_weight = 5e-3, 1e-2  # DMD2's SD / SDXL values
 
     @property
     def gan(self) -> bool:
@@ -123,9 +127,6 @@ class DMD2Config:
         if min(self.gen_cls_loss_weight, self.guidance_cls_loss_weight, self.regression_loss_weight,
                self.dm_loss_weight) < 0:
             raise ConfigError("loss weights must be >= 0")
-        if self.cls_on_clean_image and not self.gan:
-            raise ConfigError("--cls_on_clean_image needs --gen_cls_loss_weight and --guidance_cls_loss_weight "
-                              "(DMD2 uses 5e-3 and 1e-2)")
         if self.diffusion_gan_max_timestep < 1:
             raise ConfigError("--diffusion_gan_max_timestep must be >= 1")
 

@@ -60,7 +60,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=["dmd2", "disback"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (the 2 CPU cores are shared)")
+    p.add_argument("--name", default="RESULTS_dmd2", help="file name of the record (.md and .json)")
+    p.add_argument("--from_json", default=None, help="only re-render the markdown of a recorded JSON")
     a = p.parse_args()
+    if a.from_json:
+        render(a, json.loads(Path(a.from_json).read_text()))
+        return 0
     torch.set_num_threads(a.threads)
     COMMON.update(generator_lr=a.generator_lr, guidance_lr=a.guidance_lr, learning_rate=a.guidance_lr,
                   dfake_gen_update_ratio=a.dfake_gen_update_ratio)
@@ -77,7 +82,7 @@ def main() -> int:
                     "degradation_interval": a.degradation_interval, "interval": a.interval},
     }
     runs = {k: v for k, v in runs.items() if k in a.methods}
-    curves, final, timings = {}, {}, {}
+    curves, timings = {}, {}
     for name, extra in runs.items():
         cfg = {**COMMON, **extra, "pretrained_teacher_model": str(TEACHER), "train_data_dir": str(data),
                "output_dir": str(out / name), "max_train_steps": a.max_train_steps, "seed": a.seed,
@@ -96,28 +101,41 @@ def main() -> int:
                 fd, acc = one_step_scores(tr.method, prompts, seeds, extractor, ref_stats)
                 curve.append({"step": tr.state.step, "generator_updates": gen_updates, "frechet": fd, "accuracy": acc})
                 print(name, curve[-1], flush=True)
-        curves[name], final[name], timings[name] = curve, curve[-1], round(train_s, 1)
+        curves[name], timings[name] = curve, round(train_s, 1)
 
+    record = {"command": f"python {' '.join(sys.argv)}", "date": time.strftime('%Y-%m-%d'), "curves": curves,
+              "timings": timings}
+    (Path(a.record) / f"{a.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    render(a, record)
+    return 0
+
+
+def _first(curve, bound):
+    return next((c for c in curve if c["frechet"] <= bound), None)
+
+
+def _at(c):
+    return f"step {c['step']} ({c['generator_updates']} generator updates)" if c else "never"
+
+
+def render(a, record) -> None:
+    """RESULTS markdown from a run's curves (also re-renderable from its JSON with --from_json)."""
     t50 = 53.14  # teacher, DDIM 50 steps, guidance 4 (RESULTS.md, 1,000 images)
-    if set(curves) != {"dmd2", "disback"}:
-        print(json.dumps(curves, indent=1))
-        return 0
-    d_final = final["dmd2"]["frechet"]
-    reach = next((c for c in curves["disback"] if c["frechet"] <= d_final), None)
+    curves, timings = record["curves"], record["timings"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'})"
     lines = [
         "# DMD2 and DisBack on the bundled MNIST teacher (one step)",
         "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
+        f"Command: `{record['command']}`  ",
         f"Device: {device}, {a.threads} torch thread(s), 2 cores shared with other jobs, torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}. Seed {a.seed} (one seed: the CPU budget of this session).  ",
+        f"{record['date']}. Training seed {a.seed}.  ",
         f"{a.num_images} one-step images per point (prompts cycle over the ten digits, seeds 0..N−1, identical for "
         "every point), Fréchet distance on the digit classifier's features against the 1,000 held-out digits; "
         f"digit accuracy = the classifier reads the prompted digit. Training: batch {COMMON['train_batch_size']}, "
         f"{a.max_train_steps} optimizer steps each, generator lr {a.generator_lr:g}, fake-score lr {a.guidance_lr:g}, "
-        f"real guidance 4 (the teacher's CFG), dfake_gen_update_ratio {a.dfake_gen_update_ratio}, full-model fake score. DisBack: "
-        f"{a.degradation_steps} degradation steps (a path point every {a.degradation_interval}), then "
-        f"backtracking with a target switch every {a.interval} steps.",
+        f"real guidance 4 (the teacher's CFG), dfake_gen_update_ratio {a.dfake_gen_update_ratio}, full-model fake "
+        f"score. DisBack: {a.degradation_steps} degradation steps (a path point every {a.degradation_interval}), "
+        f"then backtracking with a target switch every {a.interval} steps.",
         "",
         "| method | optimizer step | generator updates | Fréchet distance | digit accuracy |",
         "|---|---|---|---|---|",
@@ -127,22 +145,19 @@ def main() -> int:
             lines.append(f"| {name} | {c['step']} | {c['generator_updates']} | {c['frechet']:.2f} | "
                          f"{100 * c['accuracy']:.1f}% |")
     lines += ["", "## Findings", ""]
-    for name in curves:
-        f = final[name]["frechet"]
-        lines.append(f"- {name}: final one-step distance {f:.2f}, accuracy {100 * final[name]['accuracy']:.1f}%, "
-                     f"{timings[name]} s of training; target ≤ 1.5× teacher 50-step ({1.5 * t50:.2f}) → "
-                     f"{'met' if f <= 1.5 * t50 else 'NOT met'} (ratio {f / t50:.2f}).")
-    if reach is not None:
-        dm_reach = next(c for c in curves["dmd2"] if c["frechet"] <= d_final)
-        lines.append(f"- DisBack reaches DMD2's final distance ({d_final:.2f}) at step {reach['step']} "
-                     f"({reach['generator_updates']} generator updates); DMD2 itself first reaches it at step "
-                     f"{dm_reach['step']} ({dm_reach['generator_updates']} generator updates).")
-    else:
-        lines.append(f"- DisBack does not reach DMD2's final distance ({d_final:.2f}) within the budget.")
-    (Path(a.record) / "RESULTS_dmd2.md").write_text("\n".join(lines) + "\n")
-    (Path(a.record) / "RESULTS_dmd2.json").write_text(json.dumps({"curves": curves, "timings": timings}, indent=2) + "\n")
+    for name, curve in curves.items():
+        f, best = curve[-1], min(curve, key=lambda c: c["frechet"])
+        lines.append(f"- {name}: final one-step distance {f['frechet']:.2f} (accuracy {100 * f['accuracy']:.1f}%), "
+                     f"best {best['frechet']:.2f} at {_at(best)}, {timings[name]} s of training. Target ≤ 1.5× teacher "
+                     f"50-step ({1.5 * t50:.2f}): final {'met' if f['frechet'] <= 1.5 * t50 else 'NOT met'} "
+                     f"(ratio {f['frechet'] / t50:.2f}); first reached at {_at(_first(curve, 1.5 * t50))}.")
+    if set(curves) == {"dmd2", "disback"}:
+        dm, db = curves["dmd2"], curves["disback"]
+        for what, bound in (("final", dm[-1]["frechet"]), ("best", min(c["frechet"] for c in dm))):
+            lines.append(f"- DMD2's {what} distance ({bound:.2f}): DMD2 first at {_at(_first(dm, bound))}, DisBack "
+                         f"at {_at(_first(db, bound))}.")
+    (Path(a.record) / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":

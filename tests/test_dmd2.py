@@ -264,6 +264,12 @@ def test_export_reloads_in_vanilla_diffusers(kw, timesteps, tiny_teacher, captio
     ours = tr.method.sample([prompt], [5], K, 0.0)[0].permute(1, 2, 0).numpy()
     assert np.abs(ours - ref).max() < 1e-5
 
+    # `fewstep eval` samples it at the same timesteps.
+    from fewstep.eval.run import EvalRun, generate
+
+    imgs, _ = generate(EvalRun("dmd2", str(out), "lcm", K, 0.0), [prompt], [5], 32, 1, "cpu", {})
+    assert np.abs(imgs[0].permute(1, 2, 0).numpy() - ref).max() < 1e-5
+
     # `fewstep sample` reads the timesteps hint.
     png = tmp_path / "s.png"
     assert main(["sample", "--model", str(out), "--prompt", prompt, "--seed", "5", "--output", str(png)]) == 0

@@ -279,6 +279,7 @@ def test_export_reloads_in_vanilla_diffusers(kw, timesteps, tiny_teacher, captio
     assert np.abs(got - ref).max() <= 1 / 255 + 1e-6
 
 
+@pytest.mark.slow
 def test_sdxl_teacher_one_step_of_each_phase(tiny_sdxl, caption_folder, tmp_path):
     """The SDXL family (two text encoders, pooled embeds, time ids; zeros as uncond) through both phases."""
     tr = dmd2_trainer(tiny_sdxl, caption_folder, tmp_path / "o", fake_score_lora_rank=4, gen_cls_loss_weight=5e-3,

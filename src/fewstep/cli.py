@@ -159,8 +159,12 @@ def cmd_sample(argv: list[str]) -> int:
     steps = a.num_inference_steps or hints.get("num_inference_steps", 4)
     gs = a.guidance_scale if a.guidance_scale is not None else hints.get("guidance_scale", 1.0)
     res = a.resolution or bundle.unet.config.sample_size * bundle.vae_scale
+    # Training timesteps the scheduler's own grid cannot express (a one-step generator at t = 399)
+    ts = hints.get("timesteps")
+    if a.scheduler or (ts and a.num_inference_steps and a.num_inference_steps != len(ts)):
+        ts = None
     imgs = sample_images(bundle, bundle.unet, sched, a.prompt, [a.seed + i for i in range(len(a.prompt))],
-                         steps, gs, res, res)
+                         steps, gs, res, res, timesteps=ts)
     Image.fromarray(image_grid([imgs])).save(a.output)
     print(f"{a.output}: {len(a.prompt)} image(s), {steps} steps, guidance {gs}, {type(sched).__name__}")
     return 0

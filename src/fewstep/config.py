@@ -108,6 +108,9 @@ ALIASES = {
     "weight_decay": "adam_weight_decay",
     "lr_scheduler_type": "lr_scheduler",
     "warmup_steps": "lr_warmup_steps",
+    # DMD2's scripts
+    "model_id": "pretrained_teacher_model",
+    "output_path": "output_dir",
 }
 
 

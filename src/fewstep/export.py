@@ -44,6 +44,10 @@ def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, 
     hints = {"num_inference_steps": steps, "guidance_scale": gs}
     if facts.get("sampler"):  # students trained for one scheduler and step count (direct distillation)
         hints["sampler"] = facts["sampler"]
+    ts_arg = ""
+    if facts.get("timesteps"):  # a scheduler grid that cannot express the training timesteps
+        hints["timesteps"] = facts["timesteps"]
+        ts_arg = f", timesteps={facts['timesteps']}"
     (Path(out_dir) / "fewstep_sampling.json").write_text(json.dumps(hints) + "\n")
     sched = facts.get("scheduler", "LCMScheduler")
     card = f"""---
@@ -63,7 +67,7 @@ from diffusers import DiffusionPipeline, {sched}
 
 pipe = DiffusionPipeline.from_pretrained("{out_dir}")
 pipe.scheduler = {sched}.from_config(pipe.scheduler.config)
-image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs_num}).images[0]
+image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs_num}{ts_arg}).images[0]
 ```
 
 or `fewstep sample --model {out_dir} --prompt "a prompt" --num_inference_steps {steps}`.

@@ -43,8 +43,10 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
 
 @torch.no_grad()
 def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int], num_inference_steps: int,
-                   guidance_scale: float, height: int, width: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+                   guidance_scale: float, height: int, width: int, noise: torch.Tensor | None = None,
+                   timesteps: list[int] | None = None) -> torch.Tensor:
     """Denoised latents for one image per (prompt, seed); classifier-free guidance as the pipeline does.
+    ``timesteps``: explicit timesteps, as the pipeline's ``timesteps=`` argument (e.g. [399]).
 
     ``noise``: the initial latents (B, C, h, w) to start from (as the pipeline's ``latents=`` argument),
     e.g. :func:`fewstep.diffusion.noise.batch_noise` of recorded (seed, rand_device) pairs; by default
@@ -66,7 +68,10 @@ def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int]
     w_emb = None
     if w_dim is not None:
         w_emb = guidance_scale_embedding(torch.full((n,), guidance_scale - 1.0), w_dim).to(device, dtype)
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    if timesteps is not None:
+        scheduler.set_timesteps(device=device, timesteps=list(timesteps))
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
     shape = (1, bundle.latent_channels, height // bundle.vae_scale, width // bundle.vae_scale)
     # One generator per image, as the pipeline does with a list of generators.
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -90,8 +95,9 @@ def sample_latents(bundle, unet, scheduler, prompts: list[str], seeds: list[int]
     return latents
 
 
-def sample_images(bundle, unet, scheduler, prompts, seeds, num_inference_steps, guidance_scale, height, width):
+def sample_images(bundle, unet, scheduler, prompts, seeds, num_inference_steps, guidance_scale, height, width,
+                  timesteps=None):
     """Images in [0, 1], shape (n, 3, H, W)."""
     lat = sample_latents(bundle, unet, scheduler, prompts, seeds, num_inference_steps, guidance_scale,
-                         height, width)
+                         height, width, timesteps=timesteps)
     return bundle.decode(lat)

@@ -88,6 +88,9 @@ def generate(run: EvalRun, prompts: list[str], seeds: list[int], resolution: int
     b = bundles[run.model]
     res = resolution or b.unet.config.sample_size * b.vae_scale
     extra = {}
+    # A student trained at timesteps its scheduler's grid cannot express (one-step DMD2 at t = 399)
+    ts = _sampling_hints(run.model).get("timesteps") if run.scheduler == "lcm" else None
+    ts = ts if ts and len(ts) == run.steps else None
     if run.scheduler == "lcm":
         # A student's folder carries its own LCMScheduler config (original steps, scaling).
         import diffusers
@@ -99,7 +102,7 @@ def generate(run: EvalRun, prompts: list[str], seeds: list[int], resolution: int
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         out.append(sample_images(b, b.unet, sched, prompts[i:i + batch_size], seeds[i:i + batch_size], run.steps,
-                                 run.guidance_scale, res, res).cpu())
+                                 run.guidance_scale, res, res, timesteps=ts).cpu())
         if progress is not None:
             progress.update(len(out[-1]))
     if device.startswith("cuda"):

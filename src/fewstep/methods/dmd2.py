@@ -1,0 +1,455 @@
+"""DMD2: improved distribution matching distillation (arXiv 2405.14867), ALGORITHMS.md §5.
+
+Three denoisers: the generator G (a copy of the teacher, trained), the real score (the frozen
+teacher with classifier-free guidance at ``--real_guidance_scale``) and the fake score (initialised
+from the teacher, trained to denoise G's own samples). G follows the difference of the two scores:
+for x = G(z) noised to x_t at t ~ U[min_step, max_step],
+
+    p_real = x − x̂₀_real(x_t),  p_fake = x − x̂₀_fake(x_t),
+    g = (p_real − p_fake) / mean|p_real|   (per sample, non-finite values → 0),
+    L_DM = ½ mean((x − stopgrad(x − g))²),
+
+so ∂L_DM/∂x = g / numel(x). The fake score learns the ordinary denoising loss on detached G samples.
+
+Two time scales as one phase schedule: per DMD2 iteration the reference updates G (every
+``--dfake_gen_update_ratio``-th iteration) and then the fake score. Here an optimizer step updates one
+group, so the flattened sequence is a cycle of r + 1 steps: G at position 0, the fake score at 1..r
+(r fake-score updates per generator update, in the reference's order).
+
+Memory-lean option: ``--fake_score_lora_rank`` makes the fake score a LoRA over the frozen teacher's
+own weights; the real score is the same UNet with adapters disabled, so only two UNets sit in memory
+(teacher + generator) instead of three.
+
+Optional: a diffusion-GAN classifier head on the fake score's bottleneck (the UNet mid-block output,
+read by a forward hook) that tells re-noised real latents from re-noised G samples; and a regression
+loss of G on teacher noise → image pairs (rows with ``seed`` and ``rand_device`` columns, as
+``fewstep generate`` writes them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from ..diffusion.noise import batch_noise
+from ..diffusion.sampling import make_scheduler, sample_images
+from ..export import export_pipeline
+from ..models.bundle import cat_cond, weight_dtype_of
+from ..models.lora import DEFAULT_TARGETS, adapter_params, adapters_disabled, attach_lora, save_lora
+from .base import Group, Method, StepOutput, register
+
+
+def dm_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor):
+    """The distribution-matching loss and its (detached) direction g, ALGORITHMS.md §5.
+
+    ``x`` carries the generator's graph; the score predictions are constants. Returns (L_DM, g).
+    """
+    with torch.no_grad():
+        p_real = x.detach().double() - x0_real.double()
+        p_fake = x.detach().double() - x0_fake.double()
+        # Normalising by the real score's own error per sample makes the step size independent of the
+        # noise level; a sample where p_real is 0 (or inf) would give NaN and is zeroed instead.
+        norm = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        g = torch.nan_to_num((p_real - p_fake) / norm, nan=0.0, posinf=0.0, neginf=0.0).float()
+    loss = 0.5 * F.mse_loss(x.float(), (x.detach().float() - g))
+    return loss, g
+
+
+def phase_of(step: int, ratio: int) -> str:
+    """The two time-scale schedule: a cycle of ``ratio + 1`` steps, the generator at position 0."""
+    return "generator" if step % (ratio + 1) == 0 else "guidance"
+
+
+def training_timesteps(num_train_timesteps: int, num_denoising_step: int, conditioning_timestep: int):
+    """The generator's timesteps, largest first. One step: [conditioning_timestep]. K steps: the grid
+    N−1, N−1−N/K, … that LCMScheduler(original_inference_steps=K) also yields (DMD2's
+    ``range(N−1, 0, −N/K)``), so the exported scheduler samples at exactly these timesteps."""
+    if num_denoising_step == 1:
+        return [conditioning_timestep]
+    k = num_train_timesteps // num_denoising_step
+    return [num_train_timesteps - 1 - i * k for i in range(num_denoising_step)]
+
+
+@dataclass
+class DMD2Config:
+    real_guidance_scale: float = 1.75  # CFG scale of the frozen real score (teacher): SD1.5 1.75, SDXL 8
+    fake_guidance_scale: float = 1.0  # CFG scale of the fake score in the DM loss (1 = no CFG)
+    dfake_gen_update_ratio: int = 10  # fake-score updates per generator update (SD1.5 10, SDXL 5)
+    generator_lr: float | None = None  # generator learning rate (default: --learning_rate)
+    guidance_lr: float | None = None  # fake score (and GAN head) learning rate (default: --learning_rate)
+    min_step_percent: float = 0.02  # DM loss t ~ U[min, max] · num_train_timesteps
+    max_step_percent: float = 0.98
+    conditioning_timestep: int = 999  # timestep a one-step generator is told its noise input has (SDXL: 399)
+    num_denoising_step: int = 1  # generator steps K (K > 1: timesteps N−1, N−1−N/K, …)
+    backward_simulation: bool = False  # multi-step: make G's inputs by rolling G itself from noise
+    dm_loss_weight: float = 1.0  # weight of the distribution-matching loss
+    fake_score_lora_rank: int | None = None  # fake score as a LoRA of this rank over the teacher's weights
+    fake_score_lora_alpha: float | None = None  # its LoRA α (default: rank)
+    fake_score_lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    gen_cls_loss_weight: float = 0.0  # generator GAN loss softplus(−D(fake)) weight (DMD2: 5e-3)
+    guidance_cls_loss_weight: float = 0.0  # discriminator loss weight (DMD2: 1e-2); needs real images
+    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: alone, it sets the two weights above to DMD2's
+    diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
+    diffusion_gan_max_timestep: int = 1000
+    regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
+
+    def __post_init__(self):
+        if self.cls_on_clean_image and self.gen_cls_loss_weight == 0 and self.guidance_cls_loss_weight == 0:
+            self.gen_cls_loss_weight, self.guidance_cls_loss_weight = 5e-3, 1e-2  # DMD2's SD / SDXL values
+
+    @property
+    def gan(self) -> bool:
+        return self.gen_cls_loss_weight > 0 or self.guidance_cls_loss_weight > 0
+
+    def validate(self):
+        if self.dfake_gen_update_ratio < 1:
+            raise ConfigError("--dfake_gen_update_ratio must be >= 1")
+        if not 0 <= self.min_step_percent < self.max_step_percent <= 1:
+            raise ConfigError("need 0 <= --min_step_percent < --max_step_percent <= 1")
+        if self.num_denoising_step < 1:
+            raise ConfigError("--num_denoising_step must be >= 1")
+        if self.num_denoising_step > 1 and self.conditioning_timestep != 999:
+            raise ConfigError("--conditioning_timestep applies to one-step generators; with --num_denoising_step "
+                              "> 1 the timesteps are N−1, N−1−N/K, …: drop --conditioning_timestep")
+        if self.backward_simulation and self.num_denoising_step == 1:
+            raise ConfigError("--backward_simulation needs a multi-step generator: set --num_denoising_step (e.g. 4)")
+        for k in ("generator_lr", "guidance_lr"):
+            if getattr(self, k) is not None and getattr(self, k) <= 0:
+                raise ConfigError(f"--{k} must be > 0")
+        if self.fake_score_lora_rank is not None and self.fake_score_lora_rank < 1:
+            raise ConfigError("--fake_score_lora_rank must be >= 1")
+        if min(self.gen_cls_loss_weight, self.guidance_cls_loss_weight, self.regression_loss_weight,
+               self.dm_loss_weight) < 0:
+            raise ConfigError("loss weights must be >= 0")
+        if self.diffusion_gan_max_timestep < 1:
+            raise ConfigError("--diffusion_gan_max_timestep must be >= 1")
+
+
+class ClassifierHead(torch.nn.Module):
+    """The GAN discriminator's head on the fake score's bottleneck features (C channels, any size):
+    a strided conv, normalisation, then a global average to one realism logit per sample."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+            torch.nn.GroupNorm(groups, channels),
+            torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Conv2d(channels, 1, 1),
+        )
+
+    def forward(self, feat):
+        return self.net(feat.float()).flatten(1)[:, 0]
+
+
+class FakeScore(torch.nn.Module):
+    """The trainable "guidance" group: the fake-score UNet and the optional GAN head, one module so that
+    one optimizer (and accelerate's wrapping) covers both. ``forward`` is the UNet's; inside
+    :meth:`classifying` it returns the head's logits on the mid-block output of that same forward."""
+
+    def __init__(self, unet, head: ClassifierHead | None = None):
+        super().__init__()
+        self.unet = unet
+        self.cls_head = head
+        self._feat = None
+        self._classify = False
+        if head is not None:
+            unet.mid_block.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self._classify:  # the same UNet also runs as the teacher (LoRA): keep only our own forwards
+            self._feat = output
+
+    @contextlib.contextmanager
+    def classifying(self):
+        self._classify = True
+        try:
+            yield self
+        finally:
+            self._classify, self._feat = False, None
+
+    def forward(self, *args, **kwargs):
+        out = self.unet(*args, **kwargs)
+        if not self._classify:
+            return out
+        return _Logits(self.cls_head(self._feat))
+
+
+class _Logits:
+    """The head's output where ``bundle.predict`` expects a UNet output (``.sample``)."""
+
+    def __init__(self, value):
+        self.sample = value
+
+
+@register
+class DMD2(Method):
+    name = "dmd2"
+    Config = DMD2Config
+
+    def __init__(self, cfg, mcfg: DMD2Config, bundle, accelerator):
+        super().__init__(cfg, mcfg, bundle, accelerator)
+        N = bundle.schedule.num_train_timesteps
+        if mcfg.num_denoising_step > 1 and N % mcfg.num_denoising_step:
+            raise ConfigError(f"--num_denoising_step {mcfg.num_denoising_step} must divide the teacher's {N} "
+                              "training steps (1, 2, 4, 5, 8, 10 for N = 1000), so that LCMScheduler can sample "
+                              "the generator at its training timesteps")
+        if not 0 <= mcfg.conditioning_timestep < N:
+            raise ConfigError(f"--conditioning_timestep must be in [0, {N})")
+        self.N = N
+        self.timesteps = training_timesteps(N, mcfg.num_denoising_step, mcfg.conditioning_timestep)
+        self.min_step = int(mcfg.min_step_percent * N)
+        self.max_step = min(int(mcfg.max_step_percent * N), N - 1)
+        wdt = weight_dtype_of(cfg.mixed_precision)
+        dev = accelerator.device
+        self.lora = mcfg.fake_score_lora_rank is not None
+        # Trainable copies first, from the fp32 teacher weights, before the teacher is cast.
+        self.generator = bundle.new_denoiser()
+        fake_unet = None if self.lora else bundle.new_denoiser()
+        # The frozen teacher (real score) in the mixed-precision dtype; with a LoRA fake score its base
+        # weights are the fake score's too and are frozen, so they go to that dtype as well.
+        bundle.to(dev, dtype=wdt, unet_dtype=wdt if (cfg.cast_teacher_unet or self.lora) else torch.float32)
+        if self.lora:
+            r = mcfg.fake_score_lora_rank
+            attach_lora(bundle.unet, r, mcfg.fake_score_lora_alpha or r, 0.0, mcfg.fake_score_lora_target_modules)
+            fake_unet = bundle.unet
+        head = None
+        if mcfg.gan:
+            head = ClassifierHead(bundle.unet.config.block_out_channels[-1])
+        self.guidance = FakeScore(fake_unet, head).to(dev)
+        self.generator.to(dev)
+        if cfg.gradient_checkpointing:
+            self.generator.enable_gradient_checkpointing()
+            if not self.lora:
+                fake_unet.enable_gradient_checkpointing()
+
+    # ---- groups and schedule ---------------------------------------------------------------
+    def groups(self):
+        if self.lora:
+            fake = [p for _, p in adapter_params(self._fake_unet(), "default")]
+        else:
+            fake = list(self._fake_unet().parameters())
+        head = self._guidance().cls_head
+        if head is not None:
+            fake += list(head.parameters())
+        m = self.mcfg
+        return {"generator": Group(self.generator, lr=m.generator_lr, params=list(self.generator.parameters())),
+                "guidance": Group(self.guidance, lr=m.guidance_lr, params=fake)}
+
+    def phase(self, step):
+        return phase_of(step, self.mcfg.dfake_gen_update_ratio)
+
+    # ---- networks --------------------------------------------------------------------------
+    def _guidance(self) -> FakeScore:
+        return self.accelerator.unwrap_model(self.guidance)
+
+    def _fake_unet(self):
+        return self._guidance().unet
+
+    def _gen(self):
+        return self.accelerator.unwrap_model(self.generator)
+
+    def real_score(self, z, t, cond):
+        """Raw output of the real score: the teacher (the shared UNet with adapters off, for LoRA)."""
+        if self.lora:
+            with adapters_disabled(self.bundle.unet) as base:
+                return self.bundle.predict(base, z, t, cond)
+        return self.bundle.predict(self.bundle.unet, z, t, cond)
+
+    def fake_score(self, z, t, cond, net=None):
+        return self.bundle.predict(net if net is not None else self._guidance(), z, t, cond)
+
+    def _guided_x0(self, score, z, t, cond, scale):
+        """x̂₀ under classifier-free guidance x̂₀_u + w (x̂₀_c − x̂₀_u): cond and uncond in one batch."""
+        sch, B = self.bundle.schedule, z.shape[0]
+        if scale == 1.0:
+            return sch.to_x0_eps(score(z, t, cond), z, t)[0]
+        zz, tt = torch.cat([z, z]), torch.cat([t, t])
+        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, self.bundle.uncond(B, size=self._size()))), zz, tt)[0]
+        x0_c, x0_u = x0.chunk(2)
+        return x0_u + scale * (x0_c - x0_u)
+
+    def _size(self):
+        return (self.cfg.resolution, self.cfg.resolution)
+
+    def _latent_shape(self, B):
+        h = self.cfg.resolution // self.bundle.vae_scale
+        return (B, self.bundle.latent_channels, h, h)
+
+    def _cond(self, batch):
+        captions = list(batch["caption"])
+        p = self.cfg.proportion_empty_prompts
+        if p > 0:
+            drop = torch.rand(len(captions)) < p
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        return self.bundle.encode_text(captions, size=self._size())
+
+    def _generate_x0(self, gen, z, t, cond):
+        return self.bundle.schedule.to_x0_eps(self.bundle.predict(gen, z, t, cond), z, t)[0]
+
+    def generator_input(self, batch, cond, B):
+        """(z, t) the generator is trained on, ALGORITHMS.md §5: one step, pure noise at the conditioning
+        timestep; K steps, a training timestep t_k with z = real latents noised to t_k, or, with backward
+        simulation, G's own k-step roll-out from noise re-noised to t_k. Pure noise at t = N − 1."""
+        dev, sch = self.accelerator.device, self.bundle.schedule
+        noise = torch.randn(self._latent_shape(B), device=dev)
+        ts = torch.tensor(self.timesteps, device=dev)
+        if len(self.timesteps) == 1:
+            return noise, ts[[0] * B]
+        if self.mcfg.backward_simulation:
+            k = int(torch.randint(0, len(self.timesteps), (1,)))  # one roll-out length for the batch
+            z, gen = torch.randn_like(noise), self._gen()
+            x0 = None
+            with torch.no_grad():
+                for j in range(k):
+                    x0 = self._generate_x0(gen, z, ts[[j] * B], cond)
+                    z = sch.add_noise(x0, torch.randn_like(x0), ts[[j + 1] * B])
+            t = ts[[k] * B]
+            clean = x0 if x0 is not None else noise
+        else:
+            t = ts[torch.randint(0, len(self.timesteps), (B,), device=dev)]
+            clean = self.bundle.encode_images(batch["pixel_values"])
+        z = sch.add_noise(clean, noise, t)
+        pure = t == self.N - 1
+        z[pure] = noise[pure]
+        return z, t
+
+    # ---- losses ----------------------------------------------------------------------------
+    def loss(self, phase, batch, step):
+        B = len(batch["caption"])
+        cond = self._cond(batch)
+        if phase == "generator":
+            return self.generator_loss(batch, cond, B)
+        return self.guidance_loss(batch, cond, B)
+
+    def _real_x0(self, x_t, t, cond):
+        return self._guided_x0(self.real_score, x_t, t, cond, self.mcfg.real_guidance_scale)
+
+    def generator_loss(self, batch, cond, B):
+        m, sch, dev = self.mcfg, self.bundle.schedule, self.accelerator.device
+        z, t_g = self.generator_input(batch, cond, B)
+        x = self._generate_x0(self.generator, z, t_g, cond)
+        logs = {}
+        loss = x.new_zeros(())
+        if m.dm_loss_weight > 0:
+            t = torch.randint(self.min_step, self.max_step + 1, (B,), device=dev)
+            x_t = sch.add_noise(x.detach(), torch.randn_like(x), t)
+            with torch.no_grad():
+                fake = self._guidance()
+                x0_fake = self._guided_x0(lambda a, b, c: self.fake_score(a, b, c, fake), x_t, t, cond,
+                                          m.fake_guidance_scale)
+                x0_real = self._real_x0(x_t, t, cond)
+            l_dm, g = dm_loss(x, x0_real, x0_fake)
+            loss = loss + m.dm_loss_weight * l_dm
+            logs["loss_dm"] = l_dm.detach()
+            logs["dm_grad_norm"] = g.norm().detach()
+        if m.gen_cls_loss_weight > 0:
+            logits = self._logits(self._guidance(), x, cond)
+            l_cls = F.softplus(-logits).mean()
+            loss = loss + m.gen_cls_loss_weight * l_cls
+            logs["gen_cls_loss"] = l_cls.detach()
+        if m.regression_loss_weight > 0:
+            l_reg = self.regression_loss(batch, cond)
+            loss = loss + m.regression_loss_weight * l_reg
+            logs["loss_regression"] = l_reg.detach()
+        logs["loss"] = loss.detach()
+        return StepOutput(loss, logs)
+
+    def regression_loss(self, batch, cond):
+        """G at its first timestep on the recorded teacher noise vs the teacher's image (latents)."""
+        meta = batch.get("meta") or {}
+        if "seed" not in meta or "rand_device" not in meta:
+            raise ConfigError("--regression_loss_weight needs teacher noise → image pairs: data rows with seed and "
+                              "rand_device columns (write them with `fewstep generate`)")
+        shape = self._latent_shape(1)[1:]
+        noise = batch_noise([int(s) for s in meta["seed"]], meta["rand_device"], shape, device=self.accelerator.device)
+        t = torch.full((noise.shape[0],), self.timesteps[0], device=noise.device, dtype=torch.long)
+        x = self._generate_x0(self.generator, noise, t, cond)
+        target = self.bundle.encode_images(batch["pixel_values"])
+        return F.mse_loss(x.float(), target.float())
+
+    def _logits(self, net, x, cond):
+        """D(x): the head on the fake score's bottleneck, x re-noised first (diffusion GAN)."""
+        B = x.shape[0]
+        if self.mcfg.diffusion_gan:
+            t = torch.randint(0, min(self.mcfg.diffusion_gan_max_timestep, self.N), (B,), device=x.device)
+            x = self.bundle.schedule.add_noise(x, torch.randn_like(x), t)
+        else:
+            t = torch.zeros(B, dtype=torch.long, device=x.device)
+
+        with self._guidance().classifying():
+            return self.bundle.predict(net, x, t, cond)
+
+    @torch.no_grad()
+    def generate(self, batch, cond, B):
+        """Detached generator samples, made exactly as in the generator phase."""
+        z, t = self.generator_input(batch, cond, B)
+        return self._generate_x0(self._gen(), z, t, cond)
+
+    def guidance_loss(self, batch, cond, B, gan: bool = True):
+        """The fake score's denoising loss on detached generator samples (+ the discriminator loss)."""
+        m, sch, dev = self.mcfg, self.bundle.schedule, self.accelerator.device
+        x = self.generate(batch, cond, B)
+        t = torch.randint(0, self.N, (B,), device=dev)
+        eps = torch.randn_like(x)
+        x_t = sch.add_noise(x, eps, t)
+        out = self.fake_score(x_t, t, cond, self.guidance)
+        loss = F.mse_loss(out.float(), sch.target(x, eps, t).float())
+        logs = {"loss_fake": loss.detach()}
+        if gan and m.guidance_cls_loss_weight > 0:
+            real, real_cond = self.bundle.encode_batch(batch)
+            d_fake = self._logits(self.guidance, x, cond)
+            d_real = self._logits(self.guidance, real, real_cond)
+            l_cls = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
+            loss = loss + m.guidance_cls_loss_weight * l_cls
+            logs["guidance_cls_loss"] = l_cls.detach()
+            logs["d_real"] = torch.sigmoid(d_real).mean().detach()
+            logs["d_fake"] = torch.sigmoid(d_fake).mean().detach()
+        logs["loss"] = loss.detach()
+        return StepOutput(loss, logs)
+
+    # ---- sampling and export -------------------------------------------------------------
+    def scheduler(self, num_inference_steps: int | None = None):
+        """LCMScheduler whose default grid for K steps is the generator's training timesteps."""
+        k = max(self.mcfg.num_denoising_step, num_inference_steps or 1)
+        return make_scheduler("lcm", self.bundle.scheduler_config, original_inference_steps=k)
+
+    def sampling_timesteps(self, num_inference_steps: int) -> list[int] | None:
+        """Explicit timesteps where the scheduler's own grid differs: a one-step generator conditioned on
+        t ≠ N − 1 (e.g. [399])."""
+        if num_inference_steps == 1 and self.timesteps[0] != self.N - 1:
+            return [self.timesteps[0]]
+        return None
+
+    def sample(self, prompts, seeds, num_inference_steps, guidance_scale):
+        res = self.cfg.resolution
+        with self.accelerator.autocast():
+            return sample_images(self.bundle, self._gen(), self.scheduler(num_inference_steps),
+                                 prompts, seeds, num_inference_steps, guidance_scale or 0.0, res, res,
+                                 timesteps=self.sampling_timesteps(num_inference_steps))
+
+    def export(self, out_dir: Path):
+        K = self.mcfg.num_denoising_step
+        export_pipeline(self.bundle, self._gen(), self.scheduler(), out_dir,
+                        vae_override=self.cfg.pretrained_vae_model_name_or_path)
+        facts = {"scheduler": "LCMScheduler", "num_inference_steps": K, "guidance_scale": 0.0,
+                 "guidance_note": f"Trained at timesteps {self.timesteps}; guidance is distilled in, sample "
+                                  "with guidance_scale 0 (no CFG batch)."}
+        ts = self.sampling_timesteps(K)
+        if ts:
+            facts["timesteps"] = ts
+            facts["guidance_note"] += f" Pass timesteps={ts} to the pipeline (LCMScheduler's own grid starts at {self.N - 1})."
+        if self.lora:
+            # The trained fake score is a by-product users rarely need; keep it small and loadable.
+            save_lora(self.bundle.unet, Path(out_dir) / "fake_score_lora", self.bundle.pipeline_cls, self.bundle.root)
+        (Path(out_dir) / "fewstep_dmd2.json").write_text(json.dumps({"timesteps": self.timesteps}) + "\n")
+        return facts
+

@@ -130,7 +130,7 @@ def _convert(key: str, value: Any, tp) -> Any:
         raise ConfigError(f"--{key} needs a value")
     if origin is list:
         (inner,) = typing.get_args(tp)
-        if not isinstance(value, (str, list, tuple, int, float)):
+        if isinstance(value, bool) or not isinstance(value, (str, list, tuple, int, float)):
             raise ConfigError(f"--{key} expects a list, got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]

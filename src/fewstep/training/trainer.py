@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -128,7 +129,7 @@ def build_accelerator(cfg, out: Path):
             import wandb  # noqa: F401
         except ImportError:
             raise SystemExit("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
-    return Accelerator(
+    acc = Accelerator(
         # On a machine without CUDA, cpu=True lets several processes started by torchrun form a gloo
         # process group (MULTI_CPU); without it each would run alone and all would write OUT.
         cpu=not torch.cuda.is_available(),
@@ -138,6 +139,13 @@ def build_accelerator(cfg, out: Path):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
     )
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+        # accelerate turns FSDP on only for GPU-like devices; on CPU processes it silently runs DDP.
+        log.warning("an FSDP accelerate config was given, but accelerate runs FSDP only on GPUs: this run uses %s "
+                    "(whole model on every rank)", acc.distributed_type.value)
+    return acc
 
 
 class Trainer:
@@ -394,7 +402,9 @@ class Trainer:
                     # fp16 GradScaler, whose own step skip and scale backoff handle overflow.
                     gn = acc.clip_grad_norm_(module.parameters(),
                                              cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                    if acc.scaler is None and not self._all_finite(gn):
+                    if gn is None:  # DeepSpeed clips inside its engine and reports no norm here
+                        pass
+                    elif acc.scaler is None and not self._all_finite(gn):
                         bad, cause = True, "grad"
                     else:
                         logs_acc["grad_norm"] = float(gn)

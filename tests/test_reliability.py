@@ -371,3 +371,36 @@ def test_fsdp_request_on_cpu_falls_back_with_a_warning(tmp_path, monkeypatch, ca
     acc = build_accelerator(cfg, tmp_path)
     assert acc.distributed_type.value != "FSDP"
     assert "accelerate runs FSDP only on GPUs" in caplog.text
+
+
+@pytest.mark.slow  # two real runs (~35 s here); the protocol-level disk-full test is in the fast tier
+def test_disk_full_in_a_real_run_exits_1_and_resume_continues(tiny_teacher, caption_folder, tmp_path, monkeypatch,
+                                                               capsys, caplog):
+    """accelerate's save_state hits ENOSPC at the second checkpoint: the command exits 1 naming the intact
+    checkpoint-2, no partial folder stays, and the same command resumes from checkpoint-2."""
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def full_at_step_4(self, output_dir=None, **kw):
+        if output_dir.endswith("checkpoint-4"):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_step_4)
+    out = tmp_path / "o"
+    args = ["distill", *common_args("lcm", tiny_teacher, caption_folder, out, resume_from_checkpoint="latest")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "disk full while saving checkpoint-4" in err and f"{out / 'checkpoint-2'} is intact" in err
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fewstep")
+    assert main(args) == 0
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
+    assert (out / "checkpoint-4" / ck.COMPLETE).is_file()
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()

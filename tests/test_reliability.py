@@ -301,17 +301,20 @@ def test_nonfinite_gradient_skips_the_step_and_is_counted(tiny_teacher, caption_
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
 
-def test_cuda_out_of_memory_ends_with_the_options(tiny_teacher, caption_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["loss", "sample"])  # a training step, a validation grid
+def test_cuda_out_of_memory_ends_with_the_options(where, tiny_teacher, caption_folder, tmp_path, monkeypatch):
     from fewstep.methods.lcm import LCM
 
-    def oom(self, phase, batch, step):
+    def oom(self, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(LCM, "loss", oom)
+    monkeypatch.setattr(LCM, where, oom)
     with pytest.raises(SystemExit) as e:
-        main(["distill", *common_args("lcm", tiny_teacher, caption_folder, tmp_path / "o", gradient_checkpointing=True)])
+        main(["distill", *common_args("lcm", tiny_teacher, caption_folder, tmp_path / "o", gradient_checkpointing=True,
+                                      validation_steps=1)])
     msg = str(e.value.code)
-    assert msg.startswith("out of GPU memory at step 0: CUDA out of memory. Tried to allocate 2.00 GiB")
+    step = 0 if where == "loss" else 1
+    assert msg.startswith(f"out of GPU memory at step {step}: CUDA out of memory. Tried to allocate 2.00 GiB")
     for opt in ("--gradient_checkpointing (already on)", "--use_8bit_adam", "--train_batch_size (now 2)",
                 "--gradient_accumulation_steps", "--cast_teacher_unet", "--lora_rank 64"):
         assert opt in msg, opt

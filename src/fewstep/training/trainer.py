@@ -321,7 +321,10 @@ class Trainer:
                 t_last = now
                 acc.log(logs, step=st.step)
                 if cfg.validation_steps and st.step % cfg.validation_steps == 0:
-                    self.validate()
+                    try:
+                        self.validate()
+                    except torch.cuda.OutOfMemoryError as e:
+                        raise SystemExit(self._oom_message(e)) from None
                 if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps:
                     self.save()
                 if stop.signum is not None:

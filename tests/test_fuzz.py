@@ -75,7 +75,7 @@ def test_random_command_lines_give_config_errors_or_valid_specs():
     rng = random.Random(0)
     keys = _keys()
     t0, n, errors, accepted = time.time(), 0, 0, 0
-    while n < 600 and time.time() - t0 < BUDGET_S:
+    while n < 100 or (n < 600 and time.time() - t0 < BUDGET_S):  # at least 100 cases, then time-bounded
         argv = _random_argv(rng, keys)
         n += 1
         try:
@@ -111,7 +111,7 @@ def test_random_yaml_files_give_config_errors_or_valid_specs(tmp_path):
     keys = _keys()
     t0, n, errors = time.time(), 0, 0
     path = tmp_path / "run.yaml"
-    while n < 400 and time.time() - t0 < BUDGET_S:
+    while n < 100 or (n < 400 and time.time() - t0 < BUDGET_S):
         path.write_bytes(_random_yaml(rng, keys))
         n += 1
         try:

@@ -194,8 +194,9 @@ def straight_lcm(tiny_teacher, caption_folder, tmp_path_factory):
     return out
 
 
-@pytest.mark.slow  # ~70 s each: a child process plus a resumed run (the protocol test above is the fast tier)
-@pytest.mark.parametrize("fault", ["save_state@4", "during_rotate@4", "before_marker@2"])
+# ~10 s each on 2 idle cores (a child process plus a resumed run); one in the fast tier
+@pytest.mark.parametrize("fault", ["save_state@4", pytest.param("during_rotate@4", marks=pytest.mark.slow),
+                                   pytest.param("before_marker@2", marks=pytest.mark.slow)])
 def test_sigkill_during_a_real_save_then_resume_equals_straight(fault, straight_lcm, tiny_teacher, caption_folder,
                                                                 tmp_path):
     out = tmp_path / "killed"
@@ -224,8 +225,7 @@ def _record_steps(monkeypatch):
     return seen
 
 
-@pytest.mark.slow  # 35-110 s per method on 2 shared cores; tests/test_lcd.py keeps the LCD case in the fast tier
-@pytest.mark.parametrize("method_key", list(METHODS))
+@pytest.mark.parametrize("method_key", list(METHODS))  # 3-4 s each on 2 idle cores
 def test_straight_equals_sigterm_and_resume(method_key, tiny_teacher, caption_folder, tmp_path, monkeypatch):
     """4 steps straight == SIGTERM during step 3 (checkpoint-3 at the step boundary, clean exit) + the
     same command again: same losses at every step, same checkpoint-4 (weights, optimizer, schedulers,
@@ -376,7 +376,6 @@ def test_fsdp_request_on_cpu_falls_back_with_a_warning(tmp_path, monkeypatch, ca
     assert "accelerate runs FSDP only on GPUs" in caplog.text
 
 
-@pytest.mark.slow  # two real runs (~35 s here); the protocol-level disk-full test is in the fast tier
 def test_disk_full_in_a_real_run_exits_1_and_resume_continues(tiny_teacher, caption_folder, tmp_path, monkeypatch,
                                                                capsys, caplog):
     """accelerate's save_state hits ENOSPC at the second checkpoint: the command exits 1 naming the intact

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,10 @@ def _convert(key: str, value: Any, tp) -> Any:
         raise ConfigError(f"--{key} needs a value")
     if origin is list:
         (inner,) = typing.get_args(tp)
+        if isinstance(value, bool) or not isinstance(value, (str, list, tuple, int, float)):
+            raise ConfigError(f"--{key} expects a list, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
         if isinstance(value, str):
             # Prompts may contain commas, so they are separated by "|"; other lists by commas or spaces
             # (diffusers' scripts take --lora_target_modules "to_q,to_k,to_v").
@@ -147,12 +152,21 @@ def _convert(key: str, value: Any, tp) -> Any:
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"--{key} expects true or false, got {value!r}")
+    # A YAML list, mapping or boolean where a scalar belongs would otherwise be turned silently into
+    # its string or 0/1 (str([1, 2]), int(True)).
+    if isinstance(value, (list, tuple, dict, set)) or (isinstance(value, bool) and tp is not str):
+        raise ConfigError(f"--{key} expects {tp.__name__}, got {value!r}")
+    if isinstance(value, bool):  # YAML reads no/yes/off/on as booleans
+        raise ConfigError(f"--{key}: YAML read {value!r} as a boolean; quote the value (e.g. {key}: \"no\")")
     try:
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return tp(value)
-    except (TypeError, ValueError):
+        out = tp(value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"--{key} expects {tp.__name__}, got {value!r}") from None
+    if tp is float and not math.isfinite(out):
+        raise ConfigError(f"--{key} expects a finite number, got {value!r}")
+    return out
 
 
 def parse_cli_pairs(argv: list[str], bool_keys: set[str]) -> dict[str, Any]:
@@ -205,9 +219,12 @@ class RunSpec:
 
 def resolve(raw: dict[str, Any], method_configs: dict[str, type], base: type = TrainConfig) -> RunSpec:
     """Bind raw keys (from YAML and CLI, already merged) to ``base`` + the method's dataclass."""
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"option names must be strings, got {bad_keys[0]!r}")
     raw = {ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
     method = raw.get("method", base.method if hasattr(base, "method") else None)
-    if method not in method_configs:
+    if not isinstance(method, str) or method not in method_configs:
         hint = difflib.get_close_matches(str(method), list(method_configs), n=1)
         raise ConfigError(
             f"unknown --method {method!r}; available: {', '.join(sorted(method_configs))}"
@@ -239,8 +256,10 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must be a mapping of key: value")

@@ -41,14 +41,15 @@ def _caption_key(row: dict, wanted: str, where: str) -> str:
     for k in CAPTION_KEYS:
         if k in row:
             return k
-    raise ConfigError(f"{where}: no caption column {wanted!r} (columns: {', '.join(row)}); set --caption_column")
+    raise ConfigError(f"{where}: no caption column {wanted!r} (columns: {', '.join(map(str, row))}); "
+                      "set --caption_column")
 
 
 def _image_key(row: dict, wanted: str, where: str) -> str:
     for k in (wanted, "file_name", "image", "path"):
         if k in row:
             return k
-    raise ConfigError(f"{where}: no image column {wanted!r} (columns: {', '.join(row)}); set --image_column")
+    raise ConfigError(f"{where}: no image column {wanted!r} (columns: {', '.join(map(str, row))}); set --image_column")
 
 
 Record = tuple[str, "str | None", dict[str, str]]  # (image path, caption, other metadata columns)
@@ -76,7 +77,9 @@ def read_metadata(path: Path, image_column: str, caption_column: str) -> list[Re
         raise ConfigError(f"{path} has no rows")
     ik, ck = _image_key(rows[0], image_column, str(path)), _caption_key(rows[0], caption_column, str(path))
     base = path.parent
-    return [(str(base / r[ik]), r.get(ck), {k: str(v) for k, v in r.items() if k not in (ik, ck) and v is not None})
+    # csv.DictReader files cells beyond the header under the key None: they are not metadata.
+    return [(str(base / r[ik]) if r.get(ik) else "", r.get(ck),
+             {k: str(v) for k, v in r.items() if k not in (ik, ck, None) and v is not None})
             for r in rows]
 
 

@@ -5,7 +5,18 @@ accelerate saves every prepared model, optimizer, lr scheduler, GradScaler, RNG 
 object passed to ``register_for_checkpointing``. We add atomicity: the state goes to a temporary
 folder that is renamed to ``checkpoint-<step>`` only once complete, so a kill mid-save leaves the
 previous checkpoint as ``latest``. (accelerate's own ``total_limit`` rotation deletes before the new
-save is complete, which is why rotation is done here.)
+save is complete, which is why rotation is done here.) Every step that changes which folders exist is
+one ``os.replace`` (atomic on POSIX), so a SIGKILL between any two of them leaves either the old or
+the new complete checkpoint under its final name, or a complete one under a temporary name that
+:func:`recover` renames back before a resume looks for ``latest``.
+
+Fault injection (tests only): ``FEWSTEP_TEST_FAULT=<point>[@<step>]`` makes the process SIGKILL
+itself at that point of a save; :func:`fault_point` is the one place it is read. Points, in order:
+``save_state`` (inside accelerate's save_state, after the models, optimizers and RNG states are
+written, before fewstep's own training state), ``before_marker``, ``before_rename`` (marker written),
+``between_replace`` (re-saving a step: the old folder moved aside, the new one not yet in place),
+``before_rotate`` (renamed, nothing rotated), ``during_rotate`` (one old checkpoint moved to the
+trash, not yet deleted). Unset, it costs one dictionary lookup per save.
 """
 
 from __future__ import annotations
@@ -14,10 +25,22 @@ import errno
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 COMPLETE = "fewstep_complete"  # marker written last inside the temporary folder
 _PAT = re.compile(r"^checkpoint-(\d+)$")
+FAULT_ENV = "FEWSTEP_TEST_FAULT"
+
+
+def fault_point(point: str, step: int) -> None:
+    """SIGKILL this process here when ``FEWSTEP_TEST_FAULT`` names this point (and step): tests only."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    name, _, at = spec.partition("@")
+    if name == point and (not at or int(at) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointError(RuntimeError):
@@ -65,12 +88,20 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            fault_point("before_marker", step)
             (tmp / COMPLETE).write_text(str(step))
             fsync_tree(tmp)
-            if final.exists():  # re-saving the same step (resume then signal): replace it
-                shutil.rmtree(final)
+            fault_point("before_rename", step)
+            old = out_dir / f".old-checkpoint-{step}"
+            if final.exists():  # re-saving the same step (resume then signal): swap, never delete first
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                fault_point("between_replace", step)
             os.replace(tmp, final)
-            rotate(out_dir, total_limit)
+            fsync_dir(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            fault_point("before_rotate", step)
+            rotate(out_dir, total_limit, step)
     except OSError as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,6 +117,27 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
     return final
 
 
+def recover(out_dir: Path) -> list[str]:
+    """Undo what a kill in the middle of :func:`save_checkpoint` left: a complete temporary or
+    moved-aside folder whose final name is free goes back to that name; the rest is removed.
+    Run by the main process before resolving ``latest``; returns what it did, for the log."""
+    done = []
+    if not Path(out_dir).is_dir():
+        return done
+    for prefix in (".tmp-checkpoint-", ".old-checkpoint-"):  # the newer state wins
+        for p in sorted(Path(out_dir).glob(prefix + "*")):
+            final = Path(out_dir) / p.name[len(prefix) - len("checkpoint-"):]
+            if (p / COMPLETE).is_file() and not final.exists():
+                os.replace(p, final)
+                done.append(f"restored {final.name} from {p.name}")
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed incomplete {p.name}")
+    for p in Path(out_dir).glob(".trash-checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    return done
+
+
 def fsync_tree(path: Path) -> None:
     for p in path.rglob("*"):
         if p.is_file():
@@ -93,12 +145,31 @@ def fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def rotate(out_dir: Path, total_limit: int | None) -> None:
-    """Keep the newest ``total_limit`` complete checkpoints; drop stale temporary folders."""
+def fsync_dir(path: Path) -> None:
+    """Make renames inside ``path`` durable (a power loss, not only a killed process)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rotate(out_dir: Path, total_limit: int | None, step: int = -1) -> None:
+    """Keep the newest ``total_limit`` complete checkpoints; drop stale temporary folders. An old
+    checkpoint is first renamed out of the ``checkpoint-N`` namespace, so a kill in the middle of
+    deleting it can never leave a half-deleted folder that still looks complete."""
     for p in out_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
     if not total_limit:
         return
     ckpts = list_checkpoints(out_dir)
     for _, p in ckpts[: max(0, len(ckpts) - total_limit)]:
-        shutil.rmtree(p, ignore_errors=True)
+        trash = out_dir / (".trash-" + p.name)
+        os.replace(p, trash)
+        fault_point("during_rotate", step)
+        shutil.rmtree(trash, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ from ..data import build_dataset, collate
 from ..export import write_model_card
 from ..methods import REGISTRY
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
-from .checkpoint import resolve_resume, save_checkpoint
+from .checkpoint import fault_point, list_checkpoints, recover, resolve_resume, save_checkpoint
 
 log = logging.getLogger("fewstep")
 
@@ -32,11 +33,13 @@ class TrainState:
     def __init__(self):
         self.step, self.epoch, self.batch_in_epoch, self.nan_steps, self.skipped = 0, 0, 0, 0, {}
         self.samples_seen, self.bad_example = 0, None
+        self.nonfinite = {"loss": 0, "grad": 0}  # skipped steps by cause, over the whole run
         # Streamed data: items of the current epoch consumed per rank and loader worker, so a resumed
         # run continues each worker's stream exactly (see data/stream.py).
         self.stream_pos: dict[int, dict[int, int]] = {}
 
     def state_dict(self):
+        fault_point("save_state", self.step)  # tests: a kill after accelerate wrote models and optimizers
         return dict(vars(self))
 
     def load_state_dict(self, d):
@@ -126,7 +129,7 @@ def build_accelerator(cfg, out: Path):
             import wandb  # noqa: F401
         except ImportError:
             raise SystemExit("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
-    return Accelerator(
+    acc = Accelerator(
         # On a machine without CUDA, cpu=True lets several processes started by torchrun form a gloo
         # process group (MULTI_CPU); without it each would run alone and all would write OUT.
         cpu=not torch.cuda.is_available(),
@@ -136,6 +139,13 @@ def build_accelerator(cfg, out: Path):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
     )
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+        # accelerate turns FSDP on only for GPU-like devices; on CPU processes it silently runs DDP.
+        log.warning("an FSDP accelerate config was given, but accelerate runs FSDP only on GPUs: this run uses %s "
+                    "(whole model on every rank)", acc.distributed_type.value)
+    return acc
 
 
 class Trainer:
@@ -273,6 +283,10 @@ class Trainer:
     def start(self) -> None:
         """Resume (if asked), write the resolved config, open trackers and the data stream."""
         cfg, acc, st = self.cfg, self.acc, self.state
+        if acc.is_main_process:  # a run killed in the middle of a save leaves temporary folders
+            for line in recover(self.out):
+                log.warning("checkpoint recovery: %s", line)
+        acc.wait_for_everyone()
         resume = resolve_resume(self.out, cfg.resume_from_checkpoint)
         if resume:
             acc.load_state(str(resume))
@@ -295,7 +309,10 @@ class Trainer:
         t_last = time.time()
         with StopRequested() as stop:
             while st.step < cfg.max_train_steps:
-                logs = self.step()
+                try:
+                    logs = self.step()
+                except torch.cuda.OutOfMemoryError as e:
+                    raise SystemExit(self._oom_message(e)) from None
                 bar.update(1)
                 if acc.is_main_process:
                     bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}")
@@ -304,7 +321,10 @@ class Trainer:
                 t_last = now
                 acc.log(logs, step=st.step)
                 if cfg.validation_steps and st.step % cfg.validation_steps == 0:
-                    self.validate()
+                    try:
+                        self.validate()
+                    except torch.cuda.OutOfMemoryError as e:
+                        raise SystemExit(self._oom_message(e)) from None
                 if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps:
                     self.save()
                 if stop.signum is not None:
@@ -316,6 +336,8 @@ class Trainer:
                         print(msg, file=sys.stderr)
                     return None
         bar.close()
+        if any(st.nonfinite.values()):
+            log.warning("steps skipped for non-finite values: %s", st.nonfinite)
         if st.skipped:
             log.warning("skipped samples by cause: %s", st.skipped)
         acc.wait_for_everyone()
@@ -327,6 +349,25 @@ class Trainer:
             log.info("student written to %s", self.out)
         acc.end_training()
         return result
+
+    def _oom_message(self, e: Exception) -> str:
+        cfg = self.cfg
+        on = {"--gradient_checkpointing": cfg.gradient_checkpointing, "--use_8bit_adam": cfg.use_8bit_adam,
+              "--cast_teacher_unet": cfg.cast_teacher_unet,
+              "--lora_rank": bool(getattr(self.spec.method, "lora_rank", 0))}
+        tag = {k: " (already on)" if v else "" for k, v in on.items()}
+        last = list_checkpoints(self.out)
+        return (f"out of GPU memory at step {self.state.step}: {str(e).splitlines()[0] if str(e) else 'CUDA OOM'}.\n"
+                "Options, cheapest first:\n"
+                f"  --gradient_checkpointing{tag['--gradient_checkpointing']}  (recompute activations in backward)\n"
+                f"  --use_8bit_adam{tag['--use_8bit_adam']}  (bitsandbytes AdamW8bit: optimizer state /4)\n"
+                f"  a smaller --train_batch_size (now {cfg.train_batch_size}) with a larger "
+                "--gradient_accumulation_steps for the same global batch\n"
+                f"  --cast_teacher_unet{tag['--cast_teacher_unet']} with --mixed_precision fp16 or bf16 "
+                f"(now {cfg.mixed_precision}): the frozen teacher in half precision\n"
+                f"  LoRA: --lora_rank 64{tag['--lora_rank']} (train adapters only; one UNet in memory)\n"
+                f"Last complete checkpoint: {last[-1][1] if last else 'none'} "
+                "(resume with --resume_from_checkpoint latest)")
 
     def save(self) -> Path:
         """A checkpoint of everything; streamed-data positions of every rank are gathered first, since
@@ -348,22 +389,28 @@ class Trainer:
                 for p in params:
                     p.requires_grad_(name == phase)
         logs_acc: dict[str, float] = {}
-        bad = False
+        bad = cause = None
         for _ in range(cfg.gradient_accumulation_steps):
             batch = self._next_batch()
             with acc.accumulate(module):
                 out = self.method.loss(phase, batch, st.step)
                 # Every rank must agree to skip, or DDP would wait forever for the skipped backward.
-                nonfinite = (~torch.isfinite(out.loss.detach())).float().reshape(1)
-                finite = not bool(acc.reduce(nonfinite, reduction="sum") > 0) if acc.num_processes > 1 \
-                    else not bool(nonfinite)
-                if finite and not bad:
+                if not self._all_finite(out.loss):
+                    bad, cause = True, cause or "loss"
+                if not bad:
                     acc.backward(out.loss)
-                else:
-                    bad = True
-                if acc.sync_gradients and not bad and cfg.max_grad_norm > 0:
-                    gn = acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                    logs_acc["grad_norm"] = float(gn)
+                if acc.sync_gradients and not bad:
+                    # The total gradient norm (clipping with an infinite bound changes nothing: the
+                    # factor is clamped to exactly 1). A non-finite one skips the step, except under an
+                    # fp16 GradScaler, whose own step skip and scale backoff handle overflow.
+                    gn = acc.clip_grad_norm_(module.parameters(),
+                                             cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                    if gn is None:  # DeepSpeed clips inside its engine and reports no norm here
+                        pass
+                    elif acc.scaler is None and not self._all_finite(gn):
+                        bad, cause = True, "grad"
+                    else:
+                        logs_acc["grad_norm"] = float(gn)
                 if not bad:
                     opt.step()
                     sched.step()
@@ -373,13 +420,12 @@ class Trainer:
         if bad:
             opt.zero_grad(set_to_none=True)
             st.nan_steps += 1
-            log.warning("non-finite loss at step %d: step skipped (%d in a row)", st.step, st.nan_steps)
+            st.nonfinite[cause] = st.nonfinite.get(cause, 0) + 1
+            log.warning("non-finite %s at step %d: step skipped (%d in a row)", cause, st.step, st.nan_steps)
             if st.nan_steps >= cfg.max_nan_steps:
-                from .checkpoint import list_checkpoints
-
                 last = list_checkpoints(self.out)
                 raise SystemExit(
-                    f"{st.nan_steps} consecutive non-finite losses: stopping. Likely causes: an fp16 VAE "
+                    f"{st.nan_steps} consecutive steps with a non-finite loss or gradient: stopping. Likely causes: an fp16 VAE "
                     "(use --mixed_precision bf16 or an fp16-safe --pretrained_vae_model_name_or_path), too high "
                     "--learning_rate, or bad data. Last good checkpoint: "
                     f"{last[-1][1] if last else 'none'}")
@@ -390,6 +436,14 @@ class Trainer:
             self.method.after_step(phase, st.step)
         logs_acc[f"lr/{phase}"] = sched.get_last_lr()[0]
         return {k: v for k, v in logs_acc.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    def _all_finite(self, x: torch.Tensor) -> bool:
+        """True when ``x`` is finite on every rank: all must agree to skip, or DDP would wait forever for
+        the skipped backward (and ranks' parameters would drift apart)."""
+        bad = (~torch.isfinite(torch.as_tensor(x).detach().float())).any().float().reshape(1)
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad.to(self.acc.device), reduction="sum")
+        return not bool(bad.item() > 0)
 
     @torch.no_grad()
     def validate(self):

@@ -28,6 +28,10 @@ METHODS = {
     "lcm-lora": dict(method="lcm", lora_rank=4, lora_alpha=8, learning_rate=1e-3),
     "teacher": dict(method="teacher", teacher_preset="tiny", vae_train_steps=2, center_crop=True,
                     teacher_ema_decay=0.5, train_batch_size=4, learning_rate=1e-3),
+    "dmd2": dict(method="dmd2", dfake_gen_update_ratio=1, real_guidance_scale=2.0),
+    # the interruption (after step 2) falls on the stage boundary and between two target switches
+    "disback": dict(method="disback", dfake_gen_update_ratio=1, degradation_steps=2, degradation_interval=1,
+                    interval=1),
 }
 
 

@@ -84,6 +84,12 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = False
     vae_encode_batch_size: int = 32  # images per VAE encode call
 
+    # speed (docs/PERFORMANCE.md): none of these changes what a step computes
+    channels_last: bool = False  # UNets and latents in channels-last memory layout (faster convs on GPUs)
+    torch_compile: bool = False  # torch.compile every UNet the step runs (first steps compile, slower)
+    torch_compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
+    adam_impl: str = "auto"  # AdamW kernels: fused, foreach, or auto (fused on CUDA, else foreach)
+
     # logging, validation, checkpoints
     report_to: str = "tensorboard"  # tensorboard, wandb, all or none
     logging_dir: str = "logs"  # relative to output_dir
@@ -290,6 +296,11 @@ def validate_train(c: TrainConfig) -> None:
     need(c.interpolation_type in ("bilinear", "bicubic", "nearest", "lanczos"),
          "--interpolation_type must be bilinear, bicubic, nearest or lanczos")
     need(all(s >= 1 for s in c.validation_inference_steps), "--validation_inference_steps must be >= 1")
+    need(c.adam_impl in ("auto", "fused", "foreach"), "--adam_impl must be auto, fused or foreach")
+    need(c.torch_compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+         "--torch_compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
+    need(not (c.use_8bit_adam and c.adam_impl == "fused"),
+         "--adam_impl fused and --use_8bit_adam exclude each other: bitsandbytes has its own kernels")
     need(c.max_nan_steps >= 1, "--max_nan_steps must be >= 1")
     need(0 < c.max_bad_fraction <= 1, "--max_bad_fraction must be in (0, 1]")
     sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name, c.file_list, c.cache_dir) if s]

@@ -19,7 +19,7 @@ def held_networks(*owners) -> list[torch.nn.Module]:
     """Every top-level nn.Module an owner (the method, the bundle) holds as an attribute, once each."""
     seen: dict[int, torch.nn.Module] = {}
     for owner in owners:
-        for value in vars(owner).values():
+        for value in getattr(owner, "__dict__", {}).values():  # (a method may run without a bundle)
             if isinstance(value, torch.nn.Module):
                 seen.setdefault(id(value), value)
     return list(seen.values())
@@ -45,6 +45,8 @@ def speed_setup(cfg, method, bundle, device: torch.device) -> None:
         for net in nets:
             net.to(memory_format=torch.channels_last)
     if cfg.torch_compile:
+        if bundle is None or getattr(bundle, "unet", None) is None:
+            raise ConfigError("--torch_compile compiles the teacher's denoiser class; this method has no teacher")
         if device.type != "cuda":
             # Found here (torch 2.13, CPU inductor): the compiled diffusers UNet returns the right
             # output but wrong gradients (all zero for mid_block.resnets.1.conv2.weight, 30-90 % off

@@ -253,7 +253,9 @@ class SDBundle:
                                           "time_ids": cond["time_ids"].to(dtype)}
         out = net(z.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                   timestep_cond=None if timestep_cond is None else timestep_cond.to(dtype), **extra).sample
-        return out if out.dtype == torch.float64 else out.float()  # float64 kept for gradient checks
+        return out if out.dtype == torch.float64 else out.float().contiguous()  # float64 kept for gradient checks
+        # contiguous: a channels-last network (--channels_last) returns channels-last tensors, and
+        # torch.randn_like on those would draw other noise than the plain run does.
 
     def new_denoiser(self, **config_overrides):
         """A trainable fp32 copy of the teacher UNet, with config changes (e.g. time_cond_proj_dim).

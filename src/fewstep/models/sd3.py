@@ -174,7 +174,7 @@ class SD3Bundle:
         out = net(hidden_states=z.to(dtype), timestep=t.expand(z.shape[0]) if t.ndim == 0 else t,
                   encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                   pooled_projections=cond["pooled_projections"].to(dtype), return_dict=False)[0]
-        return out if out.dtype == torch.float64 else out.float()
+        return out if out.dtype == torch.float64 else out.float().contiguous()
 
     # ---- export ---------------------------------------------------------------------------------
     @property

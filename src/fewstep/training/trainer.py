@@ -23,6 +23,7 @@ from ..export import write_model_card
 from ..methods import REGISTRY
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
 from .checkpoint import fault_point, list_checkpoints, recover, resolve_resume, save_checkpoint
+from .speed import speed_setup
 
 log = logging.getLogger("fewstep")
 
@@ -102,7 +103,9 @@ def make_optimizer(cfg, params, lr):
         kw = {}
     else:
         cls = torch.optim.AdamW
-        kw = {"foreach": True}
+        # One fused kernel per parameter group on CUDA; the same update math as the foreach kernels.
+        fused = cfg.adam_impl == "fused" or (cfg.adam_impl == "auto" and torch.cuda.is_available())
+        kw = {"fused": True} if fused else {"foreach": True}
     return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                eps=cfg.adam_epsilon, **kw)
 
@@ -176,6 +179,7 @@ class Trainer:
 
         # The method moves and casts what it holds frozen; trainables stay fp32 (autocast does the rest).
         self.method = method_cls(cfg, spec.method, self.bundle, acc)
+        speed_setup(cfg, self.method, self.bundle)
         groups = self.method.groups()
         if cfg.enable_xformers_memory_efficient_attention:
             for g in groups.values():
@@ -221,6 +225,7 @@ class Trainer:
         self.is_map = is_map
 
         self.state = TrainState()
+        self._host_logs: dict[str, float] = {}
         acc.register_for_checkpointing(self.state)
         for obj in self.method.stateful().values():
             acc.register_for_checkpointing(obj)
@@ -380,7 +385,13 @@ class Trainer:
         return save_checkpoint(self.acc, self.out, self.state.step, self.cfg.checkpoints_total_limit)
 
     def step(self) -> dict[str, float]:
-        """One optimizer step of the phase's group (gradient_accumulation_steps micro-batches)."""
+        """One optimizer step of the phase's group (gradient_accumulation_steps micro-batches).
+
+        The host waits on the GPU once per step, after backward and clipping: the skip decision for
+        a non-finite loss or gradient, the gradient norm and the logs come back in one transfer. The
+        forward and backward are queued without interruption, and the optimizer, EMA and the next
+        batch's loading overlap with what the GPU still has to do.
+        """
         cfg, acc, st = self.cfg, self.acc, self.state
         phase = self.method.phase(st.step)
         module, opt, sched = self.modules[phase], self.opts[phase], self.scheds[phase]
@@ -388,37 +399,42 @@ class Trainer:
             for name, params in self.params.items():
                 for p in params:
                     p.requires_grad_(name == phase)
-        logs_acc: dict[str, float] = {}
-        bad = cause = None
+        dev = acc.device
+        loss_bad = torch.zeros((), device=dev)
+        logs_t: dict[str, torch.Tensor] = {}
+        bad, cause, gn = False, None, None
         for _ in range(cfg.gradient_accumulation_steps):
             batch = self._next_batch()
             with acc.accumulate(module):
-                out = self.method.loss(phase, batch, st.step)
-                # Every rank must agree to skip, or DDP would wait forever for the skipped backward.
-                if not self._all_finite(out.loss):
-                    bad, cause = True, cause or "loss"
-                if not bad:
-                    acc.backward(out.loss)
-                if acc.sync_gradients and not bad:
+                # Every network the method runs (frozen teacher and target included) under the mixed-
+                # precision autocast, as the trainable ones already are through accelerate's wrapper.
+                with acc.autocast():
+                    out = self.method.loss(phase, batch, st.step)
+                loss_bad = loss_bad + (~torch.isfinite(out.loss.detach().float())).any().float()
+                for k, v in out.logs.items():
+                    v = torch.as_tensor(v, dtype=torch.float32).detach().to(dev)
+                    logs_t[k] = logs_t.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+                # A non-finite loss still runs backward: every rank must take part in DDP's gradient
+                # all-reduce; the step is then skipped on all ranks together.
+                acc.backward(out.loss)
+                if acc.sync_gradients:
                     # The total gradient norm (clipping with an infinite bound changes nothing: the
-                    # factor is clamped to exactly 1). A non-finite one skips the step, except under an
-                    # fp16 GradScaler, whose own step skip and scale backoff handle overflow.
+                    # factor is clamped to exactly 1). DeepSpeed clips inside its engine and returns None.
                     gn = acc.clip_grad_norm_(module.parameters(),
                                              cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                    if gn is None:  # DeepSpeed clips inside its engine and reports no norm here
-                        pass
-                    elif acc.scaler is None and not self._all_finite(gn):
-                        bad, cause = True, "grad"
-                    else:
-                        logs_acc["grad_norm"] = float(gn)
-                if not bad:
-                    opt.step()
-                    sched.step()
+                    bad, cause, gn = self._skip_decision(loss_bad, gn, logs_t)
+                    if not bad:
+                        opt.step()
+                        sched.step()
+                    elif acc.scaler is not None:
+                        # clip_grad_norm_ unscaled the gradients; close the scaler's step so the next
+                        # unscale is allowed (found-inf makes it back off its scale, as a skip would).
+                        acc.scaler.update()
                 opt.zero_grad(set_to_none=True)
-            for k, v in out.logs.items():
-                logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+        logs: dict[str, float] = {k: v for k, v in self._host_logs.items()}
+        if gn is not None and not bad:
+            logs["grad_norm"] = gn
         if bad:
-            opt.zero_grad(set_to_none=True)
             st.nan_steps += 1
             st.nonfinite[cause] = st.nonfinite.get(cause, 0) + 1
             log.warning("non-finite %s at step %d: step skipped (%d in a row)", cause, st.step, st.nan_steps)
@@ -434,16 +450,29 @@ class Trainer:
         st.step += 1
         if not bad:
             self.method.after_step(phase, st.step)
-        logs_acc[f"lr/{phase}"] = sched.get_last_lr()[0]
-        return {k: v for k, v in logs_acc.items() if not (isinstance(v, float) and math.isnan(v))}
+        logs[f"lr/{phase}"] = sched.get_last_lr()[0]
+        return {k: v for k, v in logs.items() if not (isinstance(v, float) and math.isnan(v))}
 
-    def _all_finite(self, x: torch.Tensor) -> bool:
-        """True when ``x`` is finite on every rank: all must agree to skip, or DDP would wait forever for
-        the skipped backward (and ranks' parameters would drift apart)."""
-        bad = (~torch.isfinite(torch.as_tensor(x).detach().float())).any().float().reshape(1)
-        if self.acc.num_processes > 1:
-            bad = self.acc.reduce(bad.to(self.acc.device), reduction="sum")
-        return not bool(bad.item() > 0)
+    def _skip_decision(self, loss_bad: torch.Tensor, gn, logs_t: dict[str, torch.Tensor]):
+        """(skip?, cause, grad norm) from ONE device-to-host transfer, agreed by all ranks.
+
+        A non-finite loss on any rank skips the step. A non-finite gradient norm skips it too, except
+        under an fp16 GradScaler, whose own step skip and scale backoff handle overflow."""
+        acc = self.acc
+        gn_t = torch.full((), float("nan"), device=acc.device) if gn is None else torch.as_tensor(gn).float().to(acc.device)
+        grad_bad = (~torch.isfinite(gn_t)).float() if (gn is not None and acc.scaler is None) else torch.zeros_like(gn_t)
+        flags = torch.stack([loss_bad.reshape(()), grad_bad.reshape(())])
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        keys = list(logs_t)
+        host = torch.cat([flags, gn_t.reshape(1), *[logs_t[k].reshape(1) for k in keys]]).tolist()
+        self._host_logs = dict(zip(keys, host[3:]))
+        loss_bad_n, grad_bad_n, gn_v = host[:3]
+        if loss_bad_n > 0:
+            return True, "loss", None
+        if grad_bad_n > 0:
+            return True, "grad", None
+        return False, None, (None if gn is None else gn_v)
 
     @torch.no_grad()
     def validate(self):

@@ -1,0 +1,52 @@
+"""Speed levers that change how a step runs, never what it computes (docs/PERFORMANCE.md).
+
+The trainer applies them to every network the method holds, trainable or frozen, before accelerate
+wraps the trainable ones; methods need not know about them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("fewstep")
+
+
+def held_networks(*owners) -> list[torch.nn.Module]:
+    """Every top-level nn.Module an owner (the method, the bundle) holds as an attribute, once each."""
+    seen: dict[int, torch.nn.Module] = {}
+    for owner in owners:
+        for value in vars(owner).values():
+            if isinstance(value, torch.nn.Module):
+                seen.setdefault(id(value), value)
+    return list(seen.values())
+
+
+def denoisers(nets: list[torch.nn.Module], cls: type) -> list[torch.nn.Module]:
+    """The denoiser networks (instances of the teacher's class) inside ``nets``, once each: the student,
+    the teacher, EMA targets, fake-score networks wrapped with a head."""
+    found: dict[int, torch.nn.Module] = {}
+    for net in nets:
+        for m in net.modules():
+            if isinstance(m, cls):
+                found.setdefault(id(m), m)
+    return list(found.values())
+
+
+def speed_setup(cfg, method, bundle) -> None:
+    nets = held_networks(method, bundle)
+    if cfg.channels_last:
+        # 4-D weights in NHWC: cuDNN's fastest convolution kernels on tensor cores read this layout,
+        # and a convolution whose weight is channels-last returns a channels-last output, so the
+        # whole UNet stays NHWC without converting activations. Parameters keep their values.
+        for net in nets:
+            net.to(memory_format=torch.channels_last)
+    if cfg.torch_compile:
+        # nn.Module.compile keeps the module (state_dict keys, DDP wrapping, EMA parameter lists and
+        # exports are unchanged) and compiles its forward on first call; each distinct call pattern
+        # (adapters on/off, batch sizes) gets its own graph.
+        nets_to_compile = denoisers(nets, type(bundle.unet))
+        for net in nets_to_compile:
+            net.compile(mode=cfg.torch_compile_mode)
+        log.info("torch.compile (%s) of %d denoiser network(s)", cfg.torch_compile_mode, len(nets_to_compile))

@@ -7,12 +7,13 @@ A row is (method, config keys); the keys are ordinary `fewstep distill` options,
 what users get with the same flags.
 
     python benchmarks/throughput.py --rows all --bpe ../shared/data/clip/bpe_simple_vocab_16e6.txt.gz \\
-        --profile benchmarks/PROFILE.md --out benchmarks/THROUGHPUT.md          # GPU: SD1.5, 512 px, batch 12
+        --profile benchmarks/PROFILE.md --out benchmarks/THROUGHPUT_H100.md     # GPU: SD1.5, 512 px, batch 12
     python benchmarks/throughput.py --tiny --rows all --out /tmp/t.md             # CPU: tiny model, a quick check
 
 Row sets (``--rows``): ``ladder`` (LCD full, no gradient checkpointing, levers added one at a time),
 ``reference`` (issue 8's four settings with every lever that applies), ``dmd2`` (DMD2 without and with
-levers), ``all``. A row that fails (compile unsupported, out of memory, ...) is recorded with the first
+levers), ``all``. ``--profile`` profiles a few more steps of the ladder's last row (every lever) or,
+without the ladder, of the last row, and writes where the time goes. A row that fails (compile unsupported, out of memory, ...) is recorded with the first
 line of its error and the next row runs.
 
 Measures per row: median s/step over the steps after warm-up (CUDA synchronised around every step),
@@ -467,26 +468,31 @@ def report(results: list[dict], meta: dict, a) -> str:
                 if meta.get("cache_s") is not None else "."), ""]
     if a.tiny:
         lines += ["**CPU tiny run: these numbers only prove that the script works end to end. They say nothing "
-                  "about GPU throughput; the GPU table is pending a session with a GPU (see THROUGHPUT.md).**", ""]
-    lines += ["| row | keys (+ = added to the row above) | s/step | images/s | peak GiB | MFU | × first row of its set | vs reference (s/step, GiB) |",
-              "|---|---|---|---|---|---|---|---|"]
+                  "about GPU throughput; the GPU table is pending a session with a GPU (see THROUGHPUT.md).** "
+                  f"With {a.steps} timed steps of a few milliseconds on a shared CPU, row-to-row differences "
+                  "are mostly noise.", ""]
+    lines += ["| row | keys (+ = added to the row above) | s/step | images/s | peak GiB | MFU | × first row of its set | "
+              "vs reference (s/step, GiB) | first step s |", "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(results):
         base = next(b for b in results if b["group"] == r["group"] and (b["status"] == "ok" or b is r))
         prev = results[i - 1] if i and results[i - 1]["method"] == r["method"] else None
         if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {keys_text(r['keys'], prev)} | {r['status']}: {r.get('error', '')} | | | | | |")
+            lines.append(f"| {r['label']} | {keys_text(r['keys'], prev)} | {r['status']}: {r.get('error', '')} | | | | | | |")
             continue
         ref = reference_of(r, a)
         vs_ref = "n/a" if ref is None else (f"{ref[0] / r['s_per_step']:.2f}× faster, "
                                             f"{_fmt(r['peak_gib'], '.1f')} vs {ref[1]} GiB")
         lines.append(f"| {r['label']} | {keys_text(r['keys'], prev)} | {r['s_per_step']:.3f} | {r['images_per_s']:.1f} | "
                      f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}"
-                     f"{'%' if r['mfu'] else ''} | {base['s_per_step'] / r['s_per_step']:.2f}× | {vs_ref} |")
+                     f"{'%' if r['mfu'] else ''} | {base['s_per_step'] / r['s_per_step']:.2f}× | {vs_ref} | "
+                     f"{r['first_step_s']:.2f} |")
     lines += ["", "Forward equivalents per sample: LCD and LCM-LoRA 6; DMD2 the schedule-weighted mean of 6 "
               "(generator step) and 4 (fake-score step), see `forward_equivalents` in the script. MFU uses them, "
-              "the counted F_fwd and the dense fp16/bf16 peak."]
+              "the counted F_fwd and the dense fp16/bf16 peak. First step: the row's first optimizer step "
+              "(compilation, cuDNN autotuning, allocator warm-up), never in the median."]
     if meta.get("profile"):
-        lines += ["", f"Profile of the last row: `{meta['profile']}`."]
+        lines += ["", f"Profile of the {'ladder' if any(r['group'] == 'ladder' for r in results) else 'last'} "
+                  f"row set's last row: `{meta['profile']}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -510,7 +516,8 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=None, help="data-loader workers (default 8; tiny 0)")
     p.add_argument("--bpe", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz for the real vocabulary")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's dense peak, overriding the table")
-    p.add_argument("--profile", default=None, help="after the last row, profile a few steps into this markdown file")
+    p.add_argument("--profile", default=None, help="after the ladder's last row (else the last row), profile a few "
+                                                   "steps into this markdown file")
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--out", default=None, help="markdown report; the raw numbers go to the same name .json")
     p.add_argument("--workdir", default=None, help="where the teacher, shards and cache go (default: a temp dir)")
@@ -587,6 +594,9 @@ def main(argv=None) -> int:
         seen.append((row.method, row.keys))
         if row.compile_dropped != "duplicate":
             runnable.append(row)
+    # The profile shows the optimised step: the ladder's last row (every lever) when the ladder runs.
+    ladder = [r for r in runnable if r.group == "ladder"]
+    profiled = (ladder or runnable or [None])[-1]
     for i, row in enumerate(rows):
         if not any(row is r for r in runnable):
             results.append({"label": row.label, "group": row.group, "method": row.method, "keys": row.keys, "setting": row.setting,
@@ -594,7 +604,7 @@ def main(argv=None) -> int:
                             "without it the row repeats an earlier one"})
             print(f"{row.label:70s} skipped (torch_compile on the CPU; --compile_on_cpu runs it)", flush=True)
             continue
-        last = row is runnable[-1]
+        last = row is profiled
         cfg = row_config(row, common, shards, cache, work / f"out-{i:02d}")
         rec = run_row(row, cfg, a, cuda, flops_fwd, peak,
                       profile_title=f"{row.label} ({dev_name})" if (a.profile and last) else None)

@@ -85,6 +85,7 @@ class TrainConfig:
     vae_encode_batch_size: int = 32  # images per VAE encode call
 
     # speed (docs/PERFORMANCE.md): none of these changes what a step computes
+    cudnn_benchmark: bool = True  # CUDA: time cuDNN's convolution algorithms once per shape, keep the fastest
     channels_last: bool = False  # UNets and latents in channels-last memory layout (faster convs on GPUs)
     torch_compile: bool = False  # torch.compile every UNet the step runs (first steps compile, slower)
     torch_compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ...

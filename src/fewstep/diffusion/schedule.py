@@ -24,6 +24,7 @@ class NoiseSchedule:
         self.sigma = (1.0 - self.alphas_cumprod).sqrt().float()  # σ_t
         self.prediction_type = prediction_type
         self.num_train_timesteps = len(alphas_cumprod)
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_scheduler_config(cls, config) -> NoiseSchedule:
@@ -36,14 +37,25 @@ class NoiseSchedule:
     def to(self, device) -> NoiseSchedule:
         self.alpha = self.alpha.to(device)
         self.sigma = self.sigma.to(device)
+        self._copies = {}
         return self
 
     def coeffs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """α_t and σ_t broadcast to the shape of ``like``."""
         shape = (-1,) + (1,) * (like.ndim - 1)
-        a = self.alpha.to(like.device)[t].reshape(shape).to(like.dtype)
-        s = self.sigma.to(like.device)[t].reshape(shape).to(like.dtype)
+        alpha, sigma = self._tables(like.device)
+        a = alpha[t].reshape(shape).to(like.dtype)
+        s = sigma[t].reshape(shape).to(like.dtype)
         return a, s
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """α and σ on ``device``, copied once: a copy from host memory per call would make the host
+        wait for the GPU to finish its queue several times per training step."""
+        if self.alpha.device == device:
+            return self.alpha, self.sigma
+        if device not in self._copies:
+            self._copies[device] = (self.alpha.to(device), self.sigma.to(device))
+        return self._copies[device]
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t = α_t x₀ + σ_t ε (forward process, DDPM eq. 4)."""

@@ -158,7 +158,7 @@ class SDBundle:
         """Scaled latents sampled from cached posterior moments, as :meth:`encode_images` samples them."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        return DiagonalGaussianDistribution(moments.to(self.device).float()).sample().contiguous() * self.scaling_factor
+        return DiagonalGaussianDistribution(moments.to(self.device, non_blocking=True).float()).sample().contiguous() * self.scaling_factor
 
     @property
     def device(self) -> torch.device:
@@ -206,7 +206,7 @@ class SDBundle:
     def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """Scaled VAE latents, sampled from the posterior (``sample=False``: its mean, a deterministic
         regression target), in chunks of vae_encode_batch_size."""
-        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        pixels = pixels.to(self.vae.device, self.vae.dtype, non_blocking=True)  # async from pinned memory
         parts = [self.vae.encode(chunk).latent_dist.sample() if sample else self.vae.encode(chunk).latent_dist.mode()
                  for chunk in pixels.split(self.vae_encode_batch_size)]
         # Contiguous: the VAE may return channels-last tensors, and torch.randn_like(x0) draws different
@@ -229,7 +229,7 @@ class SDBundle:
             captions = ["" if d else c for c, d in zip(captions, drop)]
         if "cached_moments" in batch:
             x0 = self.latents_from_moments(batch["cached_moments"])
-            text = {k[len("cached_text."):]: v.to(self.device) for k, v in batch.items() if k.startswith("cached_text.")}
+            text = {k[len("cached_text."):]: v.to(self.device, non_blocking=True) for k, v in batch.items() if k.startswith("cached_text.")}
             if any(drop):
                 empty = self.embed_text([""])
                 rows = torch.tensor(drop, device=self.device)

@@ -163,6 +163,9 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         set_seed(cfg.seed, device_specific=True)  # a different noise stream per rank
+        if torch.cuda.is_available():
+            # Training shapes are fixed (one resolution, one batch size): autotuning pays once.
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

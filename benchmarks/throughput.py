@@ -398,6 +398,13 @@ def run_row(row: Row, cfg: dict, a, cuda: bool, flops_fwd: float, peak: float | 
                 raise RuntimeError(f"phases {sorted(set(fractions) - set(phases))} never ran in the timed window")
         rec.update(summarise(times, phases, fractions, fe_by_phase, a.batch, flops_fwd, peak))
         rec.update(first_step_s=first, step_times_s=times, phases=phases, phase_fractions=fractions)
+        # A timed step far slower than its phase's median: a recompilation (warm-up too short for
+        # torch.compile) or a data stall. The median ignores it; the record says it happened.
+        slow = [(i, t) for i, (t, q) in enumerate(zip(times, phases)) if t > 3 * rec["phase_median_s"][q]]
+        if slow:
+            rec["slow_timed_steps"] = slow
+            print(f"  note: {len(slow)} timed step(s) over 3x their phase's median (first: step {warmup + slow[0][0]}, "
+                  f"{slow[0][1]:.2f} s): recompilation or a data stall", flush=True)
         rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         if profile_title:
             rec["profile"] = run_profile(tr, a, cuda, profile_title)
@@ -485,7 +492,7 @@ def report(results: list[dict], meta: dict, a) -> str:
         lines.append(f"| {r['label']} | {keys_text(r['keys'], prev)} | {r['s_per_step']:.3f} | {r['images_per_s']:.1f} | "
                      f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}"
                      f"{'%' if r['mfu'] else ''} | {base['s_per_step'] / r['s_per_step']:.2f}× | {vs_ref} | "
-                     f"{r['first_step_s']:.2f} |")
+                     f"{r['first_step_s']:.2f}{' (slow timed steps: see JSON)' if r.get('slow_timed_steps') else ''} |")
     lines += ["", "Forward equivalents per sample: LCD and LCM-LoRA 6; DMD2 the schedule-weighted mean of 6 "
               "(generator step) and 4 (fake-score step), see `forward_equivalents` in the script. MFU uses them, "
               "the counted F_fwd and the dense fp16/bf16 peak. First step: the row's first optimizer step "
@@ -534,6 +541,8 @@ def parse(argv=None):
     a.threads = a.threads or (1 if t else None)
     if a.resolution % 8:
         p.error("--resolution must be a multiple of 8")
+    if t and a.bpe:
+        p.error("--bpe sets the full-size models' vocabulary; the --tiny models have their own small one: drop --bpe")
     return a
 
 

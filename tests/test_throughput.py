@@ -183,3 +183,14 @@ def test_profile_summary_reads_real_profiler_events(T):
     assert sum(rows.values()) == pytest.approx(100, abs=0.5)
     gpu = T.profile_summary(prof, wall_s=0.5, steps=2, on_cuda=True, title="t")
     assert "| GPU idle between kernels (wall − busy) | 250.00 | 100.0% |" in gpu
+
+
+def test_bad_arguments_are_refused(T):
+    with pytest.raises(SystemExit):
+        T.parse(["--tiny", "--bpe", "x.gz"])
+    with pytest.raises(SystemExit):
+        T.parse(["--resolution", "500"])
+    a = T.parse(["--tiny"])
+    assert (a.batch, a.resolution, a.mixed_precision, a.threads, a.workers) == (2, 32, "no", 1, 0)
+    g = T.parse(["--model", "sdxl"])
+    assert (g.batch, g.resolution, g.steps, g.warmup, g.compile_warmup) == (4, 1024, 30, 10, 25)

@@ -305,6 +305,33 @@ def test_nonfinite_gradient_skips_the_step_and_is_counted(tiny_teacher, caption_
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
 
+def test_nan_loss_skips_the_step_and_is_counted(tiny_teacher, caption_folder, tmp_path):
+    """A NaN loss (with gradient accumulation: one bad micro-batch of two) skips the optimizer step;
+    backward still runs (DDP needs every rank in its all-reduce), and the cause is the loss."""
+    tr = _trainer(tiny_teacher, caption_folder, tmp_path / "o", gradient_accumulation_steps=2, lr_warmup_steps=0)
+    tr.start()
+    student = tr.acc.unwrap_model(tr.method.student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    real, calls = tr.method.loss, []
+
+    def nan_first(phase, batch, step):
+        out = real(phase, batch, step)
+        calls.append(step)
+        if len(calls) == 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    tr.method.loss = nan_first
+    logs = tr.step()
+    assert len(calls) == 2 and "grad_norm" not in logs and tr.state.step == 1
+    assert tr.state.nonfinite == {"loss": 1, "grad": 0} and tr.state.nan_steps == 1
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert not tr.opts["student"].optimizer.state
+    logs = tr.step()  # no NaN left in the accumulated gradients: the next step trains
+    assert tr.state.nan_steps == 0 and logs["grad_norm"] > 0
+    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
 @pytest.mark.parametrize("where", ["loss", "sample"])  # a training step, a validation grid
 def test_cuda_out_of_memory_ends_with_the_options(where, tiny_teacher, caption_folder, tmp_path, monkeypatch):
     from fewstep.methods.lcm import LCM

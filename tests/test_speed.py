@@ -135,9 +135,22 @@ def test_bad_speed_keys_are_refused(tiny_teacher, caption_folder, tmp_path):
         parse_run(run_args(tiny_teacher, caption_folder, tmp_path, torch_compile=True, torch_compile_mode="fast"))
 
 
-@pytest.mark.slow
-def test_torch_compile_gives_the_plain_step(tiny_teacher, caption_folder, tmp_path):
-    """torch.compile of every denoiser (CPU inductor here; minutes to compile)."""
-    plain = run(tiny_teacher, caption_folder, tmp_path / "a", adam_impl="foreach")
-    fast = run(tiny_teacher, caption_folder, tmp_path / "b", torch_compile=True, **LEVERS)
+def test_torch_compile_is_refused_on_the_cpu(tiny_teacher, caption_folder, tmp_path):
+    """CPU inductor (torch 2.13) gets the UNet's gradients wrong; the run must say so, not train on them."""
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for CPU-only machines")
+    from fewstep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--torch_compile is for CUDA"):
+        Trainer(parse_run(run_args(tiny_teacher, caption_folder, tmp_path, torch_compile=True)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key", ["lcm", "lcm-lora"])
+def test_torch_compile_gives_the_plain_step(key, tiny_teacher, caption_folder, tmp_path):
+    """torch.compile of every denoiser, on a GPU (the CPU backend is refused, see above)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    plain = run(tiny_teacher, caption_folder, tmp_path / "a", **METHODS[key], adam_impl="foreach")
+    fast = run(tiny_teacher, caption_folder, tmp_path / "b", **METHODS[key], torch_compile=True, **LEVERS)
     assert_same(plain, fast, rtol=5e-3, atol=1e-6)

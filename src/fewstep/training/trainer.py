@@ -182,7 +182,7 @@ class Trainer:
 
         # The method moves and casts what it holds frozen; trainables stay fp32 (autocast does the rest).
         self.method = method_cls(cfg, spec.method, self.bundle, acc)
-        speed_setup(cfg, self.method, self.bundle)
+        speed_setup(cfg, self.method, self.bundle, acc.device)
         groups = self.method.groups()
         if cfg.enable_xformers_memory_efficient_attention:
             for g in groups.values():

@@ -64,7 +64,7 @@ class Row:
     method: str
     keys: dict  # config keys on top of the common ones (data, batch, precision, ...)
     setting: str | None = None  # issue 8's reference setting this row is comparable to ("LCD full", ...)
-    compile_dropped: bool | str = False  # CPU without --compile_on_cpu: torch_compile keys removed
+    compile_dropped: bool | str = False  # no GPU: torch_compile keys removed (refused on the CPU)
     group: str = ""  # the row set it belongs to; speed-ups are against the set's first row
 
     @property
@@ -513,7 +513,6 @@ def parse(argv=None):
     p.add_argument("--compile_warmup", type=int, default=None,
                    help="untimed steps for torch_compile rows, covering compilation (default 25; tiny 3)")
     p.add_argument("--compile_mode", default="reduce-overhead", help="torch_compile_mode of the all-levers rows")
-    p.add_argument("--compile_on_cpu", action="store_true", help="run torch_compile rows without a GPU (slow)")
     p.add_argument("--batch", type=int, default=None, help="per-device batch (default 12; SDXL 4; tiny 2)")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default 512; SDXL 1024; tiny 32)")
     p.add_argument("--mixed_precision", default=None, help="default fp16 on a GPU, no on the CPU")
@@ -591,11 +590,12 @@ def main(argv=None) -> int:
         print(f"fewstep cache of {n} samples written in {cache_s:.1f} s (not timed)", flush=True)
 
     results = []
-    # Without a GPU (and without --compile_on_cpu) torch.compile is left out: a row whose other keys
-    # repeat an earlier row is skipped, the others run without their torch_compile keys, so labelled.
+    # Without a GPU torch.compile is left out (fewstep refuses it on the CPU: inductor computes wrong UNet
+    # gradients there, torch 2.13): a row whose other keys repeat an earlier row is skipped, the others
+    # run without their torch_compile keys, so labelled.
     runnable, seen = [], []
     for row in rows:
-        if row.compiled and not cuda and not a.compile_on_cpu:
+        if row.compiled and not cuda:
             keys = {k: v for k, v in row.keys.items() if not k.startswith("torch_compile")}
             row.label, row.keys, row.compile_dropped = row.label + " [no GPU: without torch_compile]", keys, True
             if (row.method, keys) in seen:
@@ -609,9 +609,10 @@ def main(argv=None) -> int:
     for i, row in enumerate(rows):
         if not any(row is r for r in runnable):
             results.append({"label": row.label, "group": row.group, "method": row.method, "keys": row.keys, "setting": row.setting,
-                            "status": "skipped", "error": "torch_compile needs a GPU here (or --compile_on_cpu); "
+                            "status": "skipped", "error": "fewstep refuses torch_compile on the CPU; "
                             "without it the row repeats an earlier one"})
-            print(f"{row.label:70s} skipped (torch_compile on the CPU; --compile_on_cpu runs it)", flush=True)
+            print(f"{row.label:70s} skipped (torch_compile needs CUDA; without it the row repeats another)",
+                  flush=True)
             continue
         last = row is profiled
         cfg = row_config(row, common, shards, cache, work / f"out-{i:02d}")

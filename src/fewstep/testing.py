@@ -262,3 +262,47 @@ def build_tiny_sd3(out_dir: str | Path, **kw) -> Path:
 
     StableDiffusion3Pipeline(**tiny_sd3_components(**kw)).save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def sdxl_components(tokenizer_dir: str | Path | None = None, bpe_gz: str | Path | None = None, device="cpu"):
+    """The Stable Diffusion XL base architecture with random weights (UNet 2567.5 M, VAE 83.7 M, CLIP
+    ViT-L text 123.1 M, OpenCLIP bigG text with projection 694.7 M parameters), for benchmarks. The
+    configs are SDXL 1.0's, written out here so nothing is downloaded. Tokenizers as in
+    :func:`sd15_components`; the second one pads with "!" (token 0), as SDXL's ``tokenizer_2`` does.
+    ``device="meta"`` builds shapes only (no memory, no initialisation), for FLOP and parameter counts."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="fewstep-tok-") as tmp:
+        tdir = tokenizer_dir or (write_clip_tokenizer_from_bpe(tmp, bpe_gz) if bpe_gz else
+                                 write_clip_tokenizer(tmp, None, 77))
+        tokenizer = CLIPTokenizer.from_pretrained(str(tdir))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(tdir), pad_token="!")
+
+    def clip_cfg(hidden, layers, heads, act):
+        return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                              hidden_act=act, projection_dim=hidden, bos_token_id=49406, eos_token_id=49407,
+                              pad_token_id=1 if hidden == 768 else 0)
+
+    with torch.device(device):
+        text_encoder = CLIPTextModel(clip_cfg(768, 12, 12, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_cfg(1280, 32, 20, "gelu"))
+        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                            sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+    return dict(tokenizer=tokenizer, tokenizer_2=tokenizer_2, text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2, vae=vae, unet=unet, scheduler=scheduler)

@@ -64,7 +64,7 @@ class Row:
     method: str
     keys: dict  # config keys on top of the common ones (data, batch, precision, ...)
     setting: str | None = None  # issue 8's reference setting this row is comparable to ("LCD full", ...)
-    compile_dropped: bool | str = False  # no GPU: torch_compile keys removed (refused on the CPU)
+    compile_dropped: bool | str = False  # no GPU: compiled with aot_eager instead (inductor is refused on the CPU)
     group: str = ""  # the row set it belongs to; speed-ups are against the set's first row
 
     @property
@@ -378,10 +378,16 @@ def run_row(row: Row, cfg: dict, a, cuda: bool, flops_fwd: float, peak: float | 
         fractions = phase_fractions(tr.method)
         fe_by_phase = {p: forward_equivalents(row.method, spec.method, p) for p in fractions}
         times, phases, first = [], [], None
+        from torch._dynamo.utils import counters as dynamo
+
+        dynamo.clear()
+        frames_warm = 0
         # Timed steps: at least --steps, and until every phase of the method's schedule has been timed.
         i = 0
         while True:
             ph = tr.method.phase(tr.state.step)
+            if i == warmup:
+                frames_warm = dynamo["frames"]["total"]
             _sync(cuda)
             t0 = time.perf_counter()
             tr.step()
@@ -398,6 +404,11 @@ def run_row(row: Row, cfg: dict, a, cuda: bool, flops_fwd: float, peak: float | 
                 raise RuntimeError(f"phases {sorted(set(fractions) - set(phases))} never ran in the timed window")
         rec.update(summarise(times, phases, fractions, fe_by_phase, a.batch, flops_fwd, peak))
         rec.update(first_step_s=first, step_times_s=times, phases=phases, phase_fractions=fractions)
+        if row.compiled:
+            # What decides whether compilation pays: how many graphs, whether a denoiser call broke into
+            # several, and whether anything compiled again once timing started (a guard failing each step).
+            rec.update(compiled_frames=dynamo["frames"]["total"], graph_breaks=sum(dynamo["graph_break"].values()),
+                       recompiles_timed=dynamo["frames"]["total"] - frames_warm)
         # A timed step far slower than its phase's median: a recompilation (warm-up too short for
         # torch.compile) or a data stall. The median ignores it; the record says it happened.
         slow = [(i, t) for i, (t, q) in enumerate(zip(times, phases)) if t > 3 * rec["phase_median_s"][q]]
@@ -479,12 +490,13 @@ def report(results: list[dict], meta: dict, a) -> str:
                   f"With {a.steps} timed steps of a few milliseconds on a shared CPU, row-to-row differences "
                   "are mostly noise.", ""]
     lines += ["| row | keys (+ = added to the row above) | s/step | images/s | peak GiB | MFU | × first row of its set | "
-              "vs reference (s/step, GiB) | first step s |", "|---|---|---|---|---|---|---|---|---|"]
+              "vs reference (s/step, GiB) | first step s | compiled graphs / breaks / recompiles timed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(results):
         base = next(b for b in results if b["group"] == r["group"] and (b["status"] == "ok" or b is r))
         prev = results[i - 1] if i and results[i - 1]["method"] == r["method"] else None
         if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {keys_text(r['keys'], prev)} | {r['status']}: {r.get('error', '')} | | | | | | |")
+            lines.append(f"| {r['label']} | {keys_text(r['keys'], prev)} | {r['status']}: {r.get('error', '')} | | | | | | | |")
             continue
         ref = reference_of(r, a)
         vs_ref = "n/a" if ref is None else (f"{ref[0] / r['s_per_step']:.2f}× faster, "
@@ -492,11 +504,15 @@ def report(results: list[dict], meta: dict, a) -> str:
         lines.append(f"| {r['label']} | {keys_text(r['keys'], prev)} | {r['s_per_step']:.3f} | {r['images_per_s']:.1f} | "
                      f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}"
                      f"{'%' if r['mfu'] else ''} | {base['s_per_step'] / r['s_per_step']:.2f}× | {vs_ref} | "
-                     f"{r['first_step_s']:.2f}{' (slow timed steps: see JSON)' if r.get('slow_timed_steps') else ''} |")
+                     f"{r['first_step_s']:.2f}{' (slow timed steps: see JSON)' if r.get('slow_timed_steps') else ''} | "
+                     + (f"{r['compiled_frames']} / {r['graph_breaks']} / {r['recompiles_timed']} |"
+                        if "compiled_frames" in r else "- |"))
     lines += ["", "Forward equivalents per sample: LCD and LCM-LoRA 6; DMD2 the schedule-weighted mean of 6 "
               "(generator step) and 4 (fake-score step), see `forward_equivalents` in the script. MFU uses them, "
               "the counted F_fwd and the dense fp16/bf16 peak. First step: the row's first optimizer step "
-              "(compilation, cuDNN autotuning, allocator warm-up), never in the median."]
+              "(compilation, cuDNN autotuning, allocator warm-up), never in the median. Compiled rows: the frames "
+              "dynamo compiled (one per denoiser and call pattern), graph breaks inside them, and compilations "
+              "during the timed steps (should be 0)."]
     if meta.get("profile"):
         lines += ["", f"Profile of the {'ladder' if any(r['group'] == 'ladder' for r in results) else 'last'} "
                   f"row set's last row: `{meta['profile']}`."]
@@ -590,14 +606,16 @@ def main(argv=None) -> int:
         print(f"fewstep cache of {n} samples written in {cache_s:.1f} s (not timed)", flush=True)
 
     results = []
-    # Without a GPU torch.compile is left out (fewstep refuses it on the CPU: inductor computes wrong UNet
-    # gradients there, torch 2.13): a row whose other keys repeat an earlier row is skipped, the others
-    # run without their torch_compile keys, so labelled.
+    # Without a GPU, compiled rows use the aot_eager backend (fewstep refuses inductor on the CPU: it
+    # computes wrong UNet gradients there, torch 2.13). It traces the same graphs with eager kernels, so
+    # the graph, break and recompile counts are real while the times are not compiled times. CUDA-graph
+    # modes need inductor: such a row repeats the one before it and is skipped.
     runnable, seen = [], []
     for row in rows:
         if row.compiled and not cuda:
-            keys = {k: v for k, v in row.keys.items() if not k.startswith("torch_compile")}
-            row.label, row.keys, row.compile_dropped = row.label + " [no GPU: without torch_compile]", keys, True
+            keys = {k: v for k, v in row.keys.items() if k != "torch_compile_mode"}
+            keys["torch_compile_backend"] = "aot_eager"
+            row.label, row.keys, row.compile_dropped = row.label + " [no GPU: aot_eager backend]", keys, True
             if (row.method, keys) in seen:
                 row.compile_dropped = "duplicate"
         seen.append((row.method, row.keys))
@@ -609,9 +627,9 @@ def main(argv=None) -> int:
     for i, row in enumerate(rows):
         if not any(row is r for r in runnable):
             results.append({"label": row.label, "group": row.group, "method": row.method, "keys": row.keys, "setting": row.setting,
-                            "status": "skipped", "error": "fewstep refuses torch_compile on the CPU; "
-                            "without it the row repeats an earlier one"})
-            print(f"{row.label:70s} skipped (torch_compile needs CUDA; without it the row repeats another)",
+                            "status": "skipped", "error": "torch_compile_mode needs the inductor backend, refused "
+                            "on the CPU; with aot_eager the row repeats an earlier one"})
+            print(f"{row.label:70s} skipped (needs inductor on CUDA; with aot_eager the row repeats another)",
                   flush=True)
             continue
         last = row is profiled

@@ -43,21 +43,45 @@ def _first_loss(args):
     # Loading a text encoder draws from the global RNG (weight init before the load); reseed so both
     # runs draw the same latent and timestep noise.
     torch.manual_seed(123)
-    return tr, tr.step()["loss"]
+    return tr, tr.step()
 
 
 def test_training_from_cache_matches_encoding_on_the_fly(tiny_teacher, caption_folder, sd_cache, tmp_path):
     base = run_args(tiny_teacher, caption_folder, tmp_path / "a", center_crop=True)
-    _, loss_images = _first_loss(base)
+    loss_images = _first_loss(base)[1]["loss"]
     cached = run_args(tiny_teacher, caption_folder, tmp_path / "b", center_crop=True)
     i = cached.index("--train_data_dir")
     cached[i:i + 2] = ["--cache_dir", str(sd_cache)]
-    tr, loss_cache = _first_loss(cached)
+    tr, logs = _first_loss(cached)
+    loss_cache = logs["loss"]
     assert tr.bundle.text_encoder is None and tr.bundle.vae.encoder is None  # neither was needed
     assert loss_cache == pytest.approx(loss_images, rel=1e-5)
     # validation prompts were cached too: sampling runs without loading the text encoder
     img = tr.method.sample(["a handwritten digit zero"], [0], 1, None)
     assert img.shape == (1, 3, 32, 32) and tr.bundle.text_encoder is None
+
+
+def test_dmd2_from_cache_matches_images_without_a_text_encoder(tiny_teacher, caption_folder, sd_cache, tmp_path):
+    """DMD2 reads real latents (a K-step generator's input, the GAN's real side) and captions (dropped at
+    random) from the cache as from images, and never loads the text encoder: both steps' losses equal
+    the on-the-fly run's."""
+    kw = dict(method="dmd2", center_crop=True, dfake_gen_update_ratio=1, num_denoising_step=2,
+              gen_cls_loss_weight=5e-3, guidance_cls_loss_weight=1e-2, proportion_empty_prompts=0.5)
+    runs = []
+    for source in ("images", "cache"):
+        args = run_args(tiny_teacher, caption_folder, tmp_path / source, **kw)
+        if source == "cache":
+            i = args.index("--train_data_dir")
+            args[i:i + 2] = ["--cache_dir", str(sd_cache)]
+        tr, first = _first_loss(args)
+        runs.append((tr, [first, tr.step()]))
+    (_, on_the_fly), (tr, cached) = runs
+    assert [sorted(x) for x in cached] == [sorted(x) for x in on_the_fly]
+    assert "gen_cls_loss" in cached[0] and "guidance_cls_loss" in cached[1]
+    for a, b in zip(on_the_fly, cached):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
+    assert tr.bundle.text_encoder is None and tr.bundle.vae.encoder is None
 
 
 def test_cache_for_other_settings_is_refused_before_loading(tiny_teacher, caption_folder, sd_cache, tmp_path, capsys):

@@ -89,6 +89,7 @@ class TrainConfig:
     channels_last: bool = False  # UNets and latents in channels-last memory layout (faster convs on GPUs)
     torch_compile: bool = False  # torch.compile every UNet the step runs (first steps compile, slower)
     torch_compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
+    torch_compile_backend: str = "inductor"  # inductor (fast kernels, CUDA only here) or aot_eager (traces, no codegen: checks)
     adam_impl: str = "auto"  # AdamW kernels: fused, foreach, or auto (fused on CUDA, else foreach)
 
     # logging, validation, checkpoints
@@ -300,6 +301,9 @@ def validate_train(c: TrainConfig) -> None:
     need(c.adam_impl in ("auto", "fused", "foreach"), "--adam_impl must be auto, fused or foreach")
     need(c.torch_compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          "--torch_compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
+    need(c.torch_compile_backend in ("inductor", "aot_eager"), "--torch_compile_backend must be inductor or aot_eager")
+    need(c.torch_compile_backend == "inductor" or c.torch_compile_mode == "default",
+         "--torch_compile_mode applies to the inductor backend only: drop it, or use --torch_compile_backend inductor")
     need(not (c.use_8bit_adam and c.adam_impl == "fused"),
          "--adam_impl fused and --use_8bit_adam exclude each other: bitsandbytes has its own kernels")
     need(c.max_nan_steps >= 1, "--max_nan_steps must be >= 1")

@@ -285,12 +285,10 @@ class DMD2(Method):
         return (B, self.bundle.latent_channels, h, h)
 
     def _cond(self, batch):
-        captions = list(batch["caption"])
-        p = self.cfg.proportion_empty_prompts
-        if p > 0:
-            drop = torch.rand(len(captions)) < p
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        return self.bundle.encode_text(captions, size=self._size())
+        # (from a cache, the stored text embeddings: no text encoder in the step; the size-only
+        # micro-conditioning of SDXL, as the generator is trained at one resolution)
+        text = self.bundle.batch_text(batch, self.cfg.proportion_empty_prompts)
+        return self.bundle.cond_from_text(text, self._size())
 
     def _generate_x0(self, gen, z, t, cond):
         return self.bundle.schedule.to_x0_eps(self.bundle.predict(gen, z, t, cond), z, t)[0]
@@ -316,7 +314,7 @@ class DMD2(Method):
             clean = x0 if x0 is not None else noise
         else:
             t = ts[torch.randint(0, len(self.timesteps), (B,), device=dev)]
-            clean = self.bundle.encode_images(batch["pixel_values"])
+            clean = self.bundle.batch_latents(batch)
         z = sch.add_noise(clean, noise, t)
         pure = t == self.N - 1
         z[pure] = noise[pure]
@@ -373,7 +371,7 @@ class DMD2(Method):
         noise = batch_noise([int(s) for s in meta["seed"]], meta["rand_device"], shape, device=self.accelerator.device)
         t = torch.full((noise.shape[0],), self.timesteps[0], device=noise.device, dtype=torch.long)
         x = self._generate_x0(self.generator, noise, t, cond)
-        target = self.bundle.encode_images(batch["pixel_values"])
+        target = self.bundle.batch_latents(batch)
         return F.mse_loss(x.float(), target.float())
 
     def _logits(self, net, x, cond):

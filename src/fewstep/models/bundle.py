@@ -154,11 +154,13 @@ class SDBundle:
         self.text_encoder = CLIPTextModel.from_pretrained(self.root, subfolder="text_encoder", dtype=torch.float32)
         self.text_encoder.requires_grad_(False).eval().to(self.device, self._text_dtype)
 
-    def latents_from_moments(self, moments: torch.Tensor) -> torch.Tensor:
-        """Scaled latents sampled from cached posterior moments, as :meth:`encode_images` samples them."""
+    def latents_from_moments(self, moments: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Scaled latents from cached posterior moments, as :meth:`encode_images` makes them (a sample,
+        or with ``sample=False`` the posterior mean)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        return DiagonalGaussianDistribution(moments.to(self.device, non_blocking=True).float()).sample().contiguous() * self.scaling_factor
+        dist = DiagonalGaussianDistribution(moments.to(self.device, non_blocking=True).float())
+        return (dist.sample() if sample else dist.mode()).contiguous() * self.scaling_factor
 
     @property
     def device(self) -> torch.device:
@@ -219,25 +221,36 @@ class SDBundle:
         x = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
-    def encode_batch(self, batch: dict[str, Any], drop_prob: float = 0.0) -> tuple[torch.Tensor, Cond]:
-        """(x₀ latents, condition) of a data batch; captions dropped to "" with prob ``drop_prob``.
-        A batch from ``fewstep cache`` carries posterior moments and text embeddings instead of pixels."""
+    def batch_text(self, batch: dict[str, Any], drop_prob: float = 0.0) -> Cond:
+        """Text-encoder outputs for a batch's captions, each dropped to "" with prob ``drop_prob``. A
+        batch from ``fewstep cache`` carries them already: no text encoder runs (or is loaded)."""
         captions = list(batch["caption"])
         drop = [False] * len(captions)
         if drop_prob > 0:
             drop = (torch.rand(len(captions)) < drop_prob).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
+        cached = {k[len("cached_text."):]: v for k, v in batch.items() if k.startswith("cached_text.")}
+        if not cached:
+            return self.embed_text(captions)
+        text = {k: v.to(self.device, non_blocking=True) for k, v in cached.items()}
+        if any(drop):
+            empty = self.embed_text([""])  # (the cache holds the empty prompt's embedding)
+            rows = torch.tensor(drop, device=self.device)
+            text = {k: torch.where(rows.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype), v)
+                    for k, v in text.items()}
+        return text
+
+    def batch_latents(self, batch: dict[str, Any], sample: bool = True) -> torch.Tensor:
+        """Scaled x₀ latents of a batch's images: VAE-encoded pixels, or the cache's posterior moments."""
         if "cached_moments" in batch:
-            x0 = self.latents_from_moments(batch["cached_moments"])
-            text = {k[len("cached_text."):]: v.to(self.device, non_blocking=True) for k, v in batch.items() if k.startswith("cached_text.")}
-            if any(drop):
-                empty = self.embed_text([""])
-                rows = torch.tensor(drop, device=self.device)
-                text = {k: torch.where(rows.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype), v)
-                        for k, v in text.items()}
-        else:
-            x0 = self.encode_images(batch["pixel_values"])
-            text = self.embed_text(captions)
+            return self.latents_from_moments(batch["cached_moments"], sample)
+        return self.encode_images(batch["pixel_values"], sample)
+
+    def encode_batch(self, batch: dict[str, Any], drop_prob: float = 0.0) -> tuple[torch.Tensor, Cond]:
+        """(x₀ latents, condition) of a data batch; captions dropped to "" with prob ``drop_prob``, the
+        micro-conditioning (SDXL) from each sample's original size and crop."""
+        text = self.batch_text(batch, drop_prob)
+        x0 = self.batch_latents(batch)
         size = (x0.shape[-2] * self.vae_scale, x0.shape[-1] * self.vae_scale)  # pixels (h, w)
         return x0, self.cond_from_text(text, size, batch.get("original_size"), batch.get("crop_top_left"))
 

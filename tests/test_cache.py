@@ -84,6 +84,19 @@ def test_dmd2_from_cache_matches_images_without_a_text_encoder(tiny_teacher, cap
     assert tr.bundle.text_encoder is None and tr.bundle.vae.encoder is None
 
 
+def test_dmd2_regression_from_a_cache_is_refused(tiny_teacher, caption_folder, sd_cache, tmp_path):
+    """The regression term needs each row's seed columns, which a cache does not keep."""
+    from fewstep.config import ConfigError
+    from fewstep.training.trainer import Trainer
+
+    args = run_args(tiny_teacher, caption_folder, tmp_path / "o", method="dmd2", center_crop=True,
+                    regression_loss_weight=1.0)
+    i = args.index("--train_data_dir")
+    args[i:i + 2] = ["--cache_dir", str(sd_cache)]
+    with pytest.raises(ConfigError, match="not --cache_dir"):
+        Trainer(parse_run(args))
+
+
 def test_cache_for_other_settings_is_refused_before_loading(tiny_teacher, caption_folder, sd_cache, tmp_path, capsys):
     args = run_args(tiny_teacher, caption_folder, tmp_path / "o", center_crop=True, resolution=64)
     i = args.index("--train_data_dir")

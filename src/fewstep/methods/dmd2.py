@@ -204,6 +204,10 @@ class DMD2(Method):
                               "the generator at its training timesteps")
         if not 0 <= mcfg.conditioning_timestep < N:
             raise ConfigError(f"--conditioning_timestep must be in [0, {N})")
+        if mcfg.regression_loss_weight > 0 and cfg.cache_dir:
+            raise ConfigError("--regression_loss_weight regenerates each row's teacher noise from its seed and "
+                              "rand_device columns, which a `fewstep cache` does not keep: train from the "
+                              "metadata CSV (--train_data_dir meta.csv), not --cache_dir")
         self.N = N
         self.timesteps = training_timesteps(N, mcfg.num_denoising_step, mcfg.conditioning_timestep)
         self.min_step = int(mcfg.min_step_percent * N)

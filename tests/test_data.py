@@ -146,3 +146,18 @@ def test_hf_dataset_from_disk_with_broken_rows(tmp_path):
     with pytest.raises(Exception, match="no column 'prompt'"):
         build_dataset(parse_run(["--pretrained_teacher_model", "x", "--dataset_name", str(tmp_path / "hf"),
                                  "--caption_column", "prompt"]).train)
+
+
+def test_named_metadata_columns_must_exist(tmp_path):
+    """The default column names fall back to the usual ones (text → prompt/caption, image →
+    file_name/path); a column the user named explicitly is never silently replaced by another."""
+    from fewstep.config import ConfigError
+    from fewstep.data.sources import read_metadata
+
+    meta = tmp_path / "m.csv"
+    meta.write_text("file_name,prompt,seed\na.png,a cat,1\n")
+    assert read_metadata(meta, "image", "text") == [(str(tmp_path / "a.png"), "a cat", {"seed": "1"})]
+    with pytest.raises(ConfigError, match="no caption column 'caption'"):
+        read_metadata(meta, "image", "caption")
+    with pytest.raises(ConfigError, match="no image column 'img'"):
+        read_metadata(meta, "img", "prompt")

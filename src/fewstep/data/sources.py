@@ -38,7 +38,8 @@ class BadSample(Exception):
 def _caption_key(row: dict, wanted: str, where: str) -> str:
     if wanted in row:
         return wanted
-    for k in CAPTION_KEYS:
+    # Only the default name falls back to the usual ones: a column the user named must exist.
+    for k in CAPTION_KEYS if wanted == "text" else ():
         if k in row:
             return k
     raise ConfigError(f"{where}: no caption column {wanted!r} (columns: {', '.join(map(str, row))}); "
@@ -46,7 +47,7 @@ def _caption_key(row: dict, wanted: str, where: str) -> str:
 
 
 def _image_key(row: dict, wanted: str, where: str) -> str:
-    for k in (wanted, "file_name", "image", "path"):
+    for k in (wanted, "file_name", "image", "path") if wanted == "image" else (wanted,):
         if k in row:
             return k
     raise ConfigError(f"{where}: no image column {wanted!r} (columns: {', '.join(map(str, row))}); set --image_column")

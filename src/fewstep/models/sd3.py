@@ -118,8 +118,8 @@ class SD3Bundle:
 
     @property
     def schedule(self):
-        raise ConfigError("latent consistency distillation is defined on the discrete DDPM schedule and does not "
-                          "apply to flow-matching teachers (SD3); use --method direct")
+        raise ConfigError("this method (LCD, DMD2, DisBack) is defined on the discrete DDPM schedule of ε/v "
+                          "teachers and does not apply to flow-matching teachers (SD3); use --method direct")
 
     def _pipe(self):
         from diffusers import StableDiffusion3Pipeline

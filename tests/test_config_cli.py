@@ -42,6 +42,7 @@ def test_yaml_then_cli_override_and_aliases(tiny_teacher, caption_folder, tmp_pa
                       "a cat, sitting|a dog"])
     assert spec.method.lora_target_modules == ["to_q", "to_k"]
     assert spec.train.validation_prompts == ["a cat, sitting", "a dog"]
+    assert parse_run([f"--config={y}", "--learning_rate=4e-5"]).train.train_batch_size == 3  # --key=value form
 
 
 @pytest.mark.parametrize("flag,value,needle", [

@@ -38,6 +38,7 @@ def parse_run(argv: list[str]):
                  if f.type in ("bool", bool)}
     bool_keys |= {a for a, k in ALIASES.items() if k in bool_keys}
     raw: dict = {}
+    argv = [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

@@ -38,7 +38,7 @@ def test_yaml_then_cli_override_and_aliases(tiny_teacher, caption_folder, tmp_pa
     assert t.learning_rate == 3e-5 and t.gradient_checkpointing is True
     assert t.center_crop is True and t.random_flip is False and t.validation_inference_steps == [1, 4]
     assert m.loss_type == "huber"
-    spec = parse_run(["--config", str(y), "--lora_target_modules", "to_q,to_k", "--validation_prompts",
+    spec = parse_run(["--config", str(y), "--lora_rank", "4", "--lora_target_modules", "to_q,to_k", "--validation_prompts",
                       "a cat, sitting|a dog"])
     assert spec.method.lora_target_modules == ["to_q", "to_k"]
     assert spec.train.validation_prompts == ["a cat, sitting", "a dog"]
@@ -53,6 +53,7 @@ def test_yaml_then_cli_override_and_aliases(tiny_teacher, caption_folder, tmp_pa
     ("--lr_scheduler", "cosinus", "not one of"),
     ("--num_ddim_timesteps", "0", "num_ddim_timesteps"),
     ("--method", "lcn", "did you mean 'lcm'"),
+    ("--lora_alpha", "8", "--lora_alpha configure LoRA adapters: add --lora_rank"),  # not silently unused
 ])
 def test_bad_values_are_rejected_before_loading(flag, value, needle, tmp_path, capsys):
     rc = main(["distill", "--pretrained_teacher_model", str(tmp_path / "nowhere"), "--train_data_dir",

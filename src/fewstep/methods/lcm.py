@@ -87,6 +87,13 @@ class LCMConfig:
             raise ConfigError("--lora_dropout must be in [0, 1)")
         if not self.lora_target_modules:
             raise ConfigError("--lora_target_modules must name at least one module")
+        given = [k for k, on in (("lora_alpha", self.lora_alpha is not None), ("lora_dropout", self.lora_dropout != 0),
+                                 ("lora_target_modules", list(self.lora_target_modules) != list(DEFAULT_TARGETS)))
+                 if on]
+        if given and not self.lora:
+            # (otherwise they would be parsed and silently unused by the full-model run)
+            raise ConfigError(f"--{', --'.join(given)} configure LoRA adapters: add --lora_rank R for LCM-LoRA, "
+                              "or drop them for full-model LCD")
         if self.num_ddim_timesteps < 1:
             raise ConfigError("--num_ddim_timesteps must be >= 1")
         if self.unet_time_cond_proj_dim < 2:

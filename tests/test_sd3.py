@@ -97,3 +97,10 @@ def test_dry_run_reads_sd3_configs(sd3_teacher, sd3_data, tmp_path, capsys):
     assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / "o", dry_run=True)) == 0
     out = capsys.readouterr().out
     assert "family sd3, transformer in=4 joint_attention_dim=64, FlowMatchEulerDiscreteScheduler" in out
+    # what the real run would refuse, the dry run refuses too, before any weight loads
+    for method, kw, needle in (("dmd2", {}, "--method dmd2 is defined on the discrete DDPM schedule"),
+                               ("lcm", {}, "does not apply to flow-matching"),
+                               ("direct", {"lora_rank": 4}, "full model")):
+        assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / method, method=method, dry_run=True,
+                                       **kw)) == 2
+        assert needle in capsys.readouterr().err

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..config import ConfigError
+
 REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -41,6 +43,15 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = True  # --pretrained_teacher_model is required
+
+    @classmethod
+    def check_setup(cls, cfg, mcfg, family: str) -> None:
+        """Refusals that need only the settings and the teacher's family (``bundle.family``): run by
+        ``--dry_run`` and by the trainer before the method builds anything. By default the methods work
+        on the discrete DDPM schedule of ε/v UNets (SD1.x/2.x, SDXL)."""
+        if family == "sd3":
+            raise ConfigError(f"--method {cls.name} is defined on the discrete DDPM schedule of ε/v teachers and "
+                              "does not apply to flow-matching teachers (SD3); use --method direct")
 
     @classmethod
     def make_bundle(cls, cfg, mcfg):

@@ -149,8 +149,9 @@ class Direct(Method):
     name = "direct"
     Config = DirectConfig
 
-    def __init__(self, cfg, mcfg: DirectConfig, bundle, accelerator):
-        super().__init__(cfg, mcfg, bundle, accelerator)
+    @classmethod
+    def check_setup(cls, cfg, mcfg, family: str) -> None:
+        # Every family, flow-matching ones included: the student's own sampler is unrolled, no DDPM math.
         if cfg.random_flip:
             raise ConfigError("--method direct regresses onto the teacher's image from the same noise: "
                               "--random_flip would mirror the target; drop it")
@@ -159,14 +160,18 @@ class Direct(Method):
                               "--save_latents` (its own regression targets), not from a cache; drop --cache_dir")
         if not cfg.train_data_dir:
             raise ConfigError("--method direct needs teacher data from `fewstep generate` as --train_data_dir")
+        if mcfg.lora_rank is not None and family == "sd3":
+            raise ConfigError(f"--lora_rank: LoRA students are written for UNet families today; the {family} "
+                              "transformer trains as a full model (drop --lora_rank)")
+
+    def __init__(self, cfg, mcfg: DirectConfig, bundle, accelerator):
+        super().__init__(cfg, mcfg, bundle, accelerator)
+        self.check_setup(cfg, mcfg, bundle.family)
         wdt = weight_dtype_of(cfg.mixed_precision)
         self.lora = mcfg.lora_rank is not None
         # No frozen teacher: its work is in the data. The student is the teacher's denoiser itself.
         bundle.to(accelerator.device, dtype=wdt, unet_dtype=wdt if self.lora else torch.float32)
         self.student = bundle.unet
-        if self.lora and getattr(bundle, "denoiser_name", "unet") != "unet":
-            raise ConfigError(f"--lora_rank: LoRA students are written for UNet families today; the {bundle.family} "
-                              "transformer trains as a full model (drop --lora_rank)")
         if self.lora:
             attach_lora(self.student, mcfg.lora_rank, mcfg.lora_alpha or mcfg.lora_rank, mcfg.lora_dropout,
                         mcfg.lora_target_modules)

@@ -172,6 +172,7 @@ class Trainer:
 
         method_cls = REGISTRY[cfg.method]
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
+        method_cls.check_setup(cfg, spec.method, self.bundle.family)
         if cfg.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401

@@ -148,6 +148,9 @@ def test_torch_compile_is_refused_on_the_cpu(tiny_teacher, caption_folder, tmp_p
 
     with pytest.raises(ConfigError, match="inductor backend is for CUDA"):
         Trainer(parse_run(run_args(tiny_teacher, caption_folder, tmp_path, torch_compile=True)))
+    from fewstep.cli import main
+
+    assert main(["distill", *run_args(tiny_teacher, caption_folder, tmp_path, torch_compile=True), "--dry_run"]) == 2
     with pytest.raises(ConfigError, match="--torch_compile_mode applies to the inductor backend only"):
         parse_run(run_args(tiny_teacher, caption_folder, tmp_path, torch_compile=True,
                            torch_compile_backend="aot_eager", torch_compile_mode="reduce-overhead"))

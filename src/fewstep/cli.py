@@ -75,8 +75,12 @@ def dry_run(spec) -> int:
         else:  # a flow-matching transformer (SD3)
             print(f"teacher: {bundle.root} (family {bundle.family}, transformer in={unet['in_channels']} "
                   f"joint_attention_dim={unet['joint_attention_dim']}, {bundle.scheduler_config['_class_name']})")
-    ds = build_dataset(cfg)
     import torch
+
+    from .training.speed import check_compile
+
+    check_compile(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    ds = build_dataset(cfg)
 
     sample = next(iter(ds)) if isinstance(ds, torch.utils.data.IterableDataset) else ds[0]
     if "_bad" in sample:

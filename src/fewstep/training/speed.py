@@ -36,6 +36,17 @@ def denoisers(nets: list[torch.nn.Module], cls: type) -> list[torch.nn.Module]:
     return list(found.values())
 
 
+def check_compile(cfg, device_type: str) -> None:
+    """Refuse --torch_compile where its default backend is known to be wrong (also run by --dry_run)."""
+    if cfg.torch_compile and device_type != "cuda" and cfg.torch_compile_backend == "inductor":
+        # Found here (torch 2.13, CPU inductor): the compiled diffusers UNet returns the right
+        # output but wrong gradients (all zero for mid_block.resnets.1.conv2.weight, 30-90 % off
+        # elsewhere), while the aot_eager backend is exact. A wrong gradient is worse than a slow one.
+        raise ConfigError("--torch_compile with the inductor backend is for CUDA devices: on the CPU it computes "
+                          "wrong UNet gradients (torch 2.13, found by tests/test_speed.py). Drop --torch_compile, "
+                          "or check tracing only with --torch_compile_backend aot_eager")
+
+
 def speed_setup(cfg, method, bundle, device: torch.device) -> None:
     nets = held_networks(method, bundle)
     if cfg.channels_last:
@@ -47,16 +58,7 @@ def speed_setup(cfg, method, bundle, device: torch.device) -> None:
     if cfg.torch_compile:
         if bundle is None or getattr(bundle, "unet", None) is None:
             raise ConfigError("--torch_compile compiles the teacher's denoiser class; this method has no teacher")
-        if device.type != "cuda" and cfg.torch_compile_backend == "inductor":
-            # Found here (torch 2.13, CPU inductor): the compiled diffusers UNet returns the right
-            # output but wrong gradients (all zero for mid_block.resnets.1.conv2.weight, 30-90 % off
-            # elsewhere), while the aot_eager backend is exact. A wrong gradient is worse than a slow one.
-            raise ConfigError("--torch_compile with the inductor backend is for CUDA devices: on the CPU it computes "
-                              "wrong UNet gradients (torch 2.13, found by tests/test_speed.py). Drop --torch_compile, "
-                              "or check tracing only with --torch_compile_backend aot_eager")
-        # nn.Module.compile keeps the module (state_dict keys, DDP wrapping, EMA parameter lists and
-        # exports are unchanged) and compiles its forward on first call; each distinct call pattern
-        # (adapters on/off, batch sizes) gets its own graph.
+        check_compile(cfg, device.type)
         # aot_eager traces the same graphs (dynamo, then autograd ahead of time) and runs them with
         # eager kernels: no speed, but graph breaks and recompilations show exactly as under inductor,
         # on any device, which is how the tests check the compiled step.

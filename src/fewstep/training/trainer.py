@@ -23,7 +23,7 @@ from ..export import write_model_card
 from ..methods import REGISTRY
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
 from .checkpoint import fault_point, list_checkpoints, recover, resolve_resume, save_checkpoint
-from .speed import speed_setup
+from .speed import check_compile, speed_setup
 
 log = logging.getLogger("fewstep")
 
@@ -171,6 +171,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         method_cls = REGISTRY[cfg.method]
+        check_compile(cfg, acc.device.type)  # before any weight loads
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
         method_cls.check_setup(cfg, spec.method, self.bundle.family)
         if cfg.enable_xformers_memory_efficient_attention:

@@ -88,6 +88,9 @@ def test_dry_run_loads_configs_only_and_trains_nothing(tiny_teacher, caption_fol
     assert "dry run OK" in text and "prediction_type=epsilon" in text and "first sample (3, 32, 32)" in text
     assert "w_min: 5.0" in text  # the resolved config is printed
     assert not out.exists() or not any(out.iterdir())
+    # 12 images, a batch of 16: no full batch, so no step would ever run
+    assert main(["distill", *run_args(tiny_teacher, caption_folder, out, train_batch_size=16), "--dry_run"]) == 2
+    assert "fewer than one batch" in capsys.readouterr().err
 
 
 def test_command_line_entry_point_reports_errors(tmp_path):

@@ -85,6 +85,10 @@ def dry_run(spec) -> int:
     sample = next(iter(ds)) if isinstance(ds, torch.utils.data.IterableDataset) else ds[0]
     if "_bad" in sample:
         raise ConfigError(f"the first data sample is unusable ({sample['_bad']}): {sample['_where']}")
+    if hasattr(ds, "__len__") and len(ds) < cfg.train_batch_size:
+        # (full batches only: a data set smaller than one batch would yield no step at all)
+        raise ConfigError(f"the data has {len(ds)} samples, fewer than one batch (--train_batch_size "
+                          f"{cfg.train_batch_size} per process): lower --train_batch_size or add data")
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     first = sample["pixel_values"] if "pixel_values" in sample else sample["cached_moments"]

@@ -52,3 +52,9 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from fewstep.testing import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("teacher-sdxl") / "teacher")
+
+
+def card_snippet(out) -> str:
+    """The python block of the model card (README.md) fewstep wrote into ``out``."""
+    text = (Path(out) / "README.md").read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]

@@ -269,3 +269,67 @@ def test_bad_input_is_named(tiny_teacher, teacher_data, caption_folder, tmp_path
     tr.start()
     with pytest.raises(ConfigError, match="fewstep generate"):
         tr.method.loss("student", tr._next_batch(), 0)
+
+
+@pytest.fixture(scope="module")
+def direct_lora(tiny_teacher, teacher_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("direct-lora") / "out"
+    assert main(["distill"] + direct_args(tiny_teacher, teacher_data, out, lora_rank=4, max_train_steps=2)) == 0
+    return out
+
+
+def test_lora_export_fuse_keeps_the_students_scheduler(direct_lora, tmp_path):
+    """The fused folder holds the DDIMScheduler (trailing) the LoRA student was trained with, not an
+    LCMScheduler: vanilla diffusers on it gives `fewstep sample`'s images of the LoRA folder."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+    from PIL import Image
+
+    fused = tmp_path / "fused"
+    assert main(["export", "--model", str(direct_lora), "--fuse", "--output_dir", str(fused)]) == 0
+    assert json.loads((fused / "model_index.json").read_text())["scheduler"] == ["diffusers", "DDIMScheduler"]
+    hints = json.loads((fused / "fewstep_sampling.json").read_text())
+    assert hints == json.loads((direct_lora / "fewstep_sampling.json").read_text()) and hints["sampler"] == "ddim"
+    pipe = DiffusionPipeline.from_pretrained(fused)
+    assert type(pipe.scheduler) is DDIMScheduler
+    assert dict(pipe.scheduler.config) == dict(DDIMScheduler.from_pretrained(direct_lora / "scheduler").config)
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    ref = pipe(PROMPTS[1], num_inference_steps=hints["num_inference_steps"], guidance_scale=hints["guidance_scale"],
+               height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(12)).images[0]
+    png = tmp_path / "sample.png"
+    assert main(["sample", "--model", str(direct_lora), "--prompt", PROMPTS[1], "--seed", "12", "--output", str(png)]) == 0
+    ours = np.asarray(Image.open(png)).astype(np.float64) / 255
+    assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1.5 / 255 and ref.std() > 0
+
+
+def test_lora_folder_card_snippet_runs(direct_lora, tiny_teacher, tmp_path):
+    """The card of a LoRA folder (no model_index.json) loads the base model, the adapter and the trailing
+    DDIMScheduler at K steps and the trained guidance (executed as written)."""
+    from diffusers import DDIMScheduler
+
+    from conftest import card_snippet
+    from fewstep.diffusion.sampling import sample_images
+    from fewstep.models.bundle import load_bundle
+
+    code = card_snippet(direct_lora)
+    assert f'from_pretrained("{tiny_teacher}")' in code and "num_inference_steps=2, guidance_scale=1.0" in code
+    ns: dict = {}
+    exec(code, ns)
+    pipe, image = ns["pipe"], np.asarray(ns["image"])
+    assert type(pipe.scheduler) is DDIMScheduler and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    ref = pipe(PROMPTS[1], num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(12)).images[0]
+    bundle = load_bundle(str(direct_lora))
+    sched = DDIMScheduler.from_config(bundle.scheduler_config)
+    ours = sample_images(bundle, bundle.unet, sched, [PROMPTS[1]], [12], 2, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
+    assert np.abs(ours - ref).max() < 2e-4
+
+
+
+def test_eval_takes_the_lora_folder(direct_lora, tmp_path):
+    """`fewstep eval` loads a LoRA folder as `fewstep sample` does, with the folder's own sampler."""
+    assert main(["eval", "--model", f"direct-lora={direct_lora}", "--features", "random", "--num_images", "2",
+                 "--steps", "1", "--batch_size", "2", "--out", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert [(r["label"], r["scheduler"], r["steps"], r["guidance_scale"]) for r in rows] == [("direct-lora", "ddim", 2, 1.0)]
+    assert np.isfinite(rows[0]["frechet_distance"])

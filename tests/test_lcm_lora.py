@@ -1,6 +1,9 @@
 """LCM-LoRA: one UNet (teacher = adapters disabled), adapter-only updates, optional EMA adapter, and
 LoRA files that vanilla diffusers loads (diffusers keys, kohya keys, fused)."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +166,36 @@ def test_paddlemix_is_lora_flag(tiny_teacher, caption_folder, tmp_path):
     assert spec.method.lora and spec.method.rank == 64 and spec.method.mu is None
     spec = parse_run(run_args(tiny_teacher, caption_folder, tmp_path))
     assert not spec.method.lora and spec.method.mu == 0.95
+
+
+def test_lora_folder_card_snippet_runs(lora_run, tiny_teacher, tmp_path):
+    """A LoRA folder has no model_index.json: its card loads the base model, the adapter and the folder's
+    LCMScheduler (the snippet is executed as written)."""
+    from diffusers import LCMScheduler
+
+    from conftest import card_snippet
+    from fewstep.diffusion.sampling import sample_images
+    from fewstep.models.bundle import load_bundle
+
+    code = card_snippet(lora_run)
+    assert f'from_pretrained("{tiny_teacher}")' in code and "num_inference_steps=4, guidance_scale=1.0" in code
+    ns: dict = {}
+    exec(code, ns)
+    pipe, image = ns["pipe"], np.asarray(ns["image"])
+    assert type(pipe.scheduler) is LCMScheduler
+    assert dict(pipe.scheduler.config) == dict(LCMScheduler.from_pretrained(lora_run / "scheduler").config)
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    bundle = load_bundle(str(lora_run))  # the snippet's pipeline is the student fewstep samples
+    ours = sample_images(bundle, bundle.unet, LCMScheduler.from_config(bundle.scheduler_config),
+                         ["a handwritten digit seven"], [3], 4, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
+    assert abs(_run(pipe) - ours).max() < 2e-4
+
+
+
+def test_eval_takes_the_lora_folder(lora_run, tmp_path):
+    """`fewstep eval` loads a LoRA folder as `fewstep sample` does, with the folder's own sampler."""
+    assert main(["eval", "--model", f"lcm-lora={lora_run}", "--features", "random", "--num_images", "2",
+                 "--steps", "1", "--batch_size", "2", "--out", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert [(r["label"], r["scheduler"], r["steps"], r["guidance_scale"]) for r in rows] == [("lcm-lora", "lcm", 1, 1.0)]
+    assert np.isfinite(rows[0]["frechet_distance"])

@@ -220,7 +220,7 @@ def cmd_eval(argv: list[str]) -> int:
         "Quality vs sampling steps: generate the same prompts and seeds with every model, scheduler and step "
         "count; Fréchet distance to reference images, digit accuracy, seconds per image; write a report."))
     p.add_argument("--model", action="append", required=True,
-                   help="LABEL=FOLDER (repeat). LCMScheduler folders are students; folders whose "
+                   help="LABEL=FOLDER (repeat; LoRA folders too). LCMScheduler folders are students; folders whose "
                         "fewstep_sampling.json names a sampler (direct) run with it at their steps; others are teachers")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="students and baselines")
     p.add_argument("--teacher_steps", type=int, nargs="+", default=[25, 50], help="teachers with DDIM")
@@ -277,7 +277,7 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--output_dir", required=True)
     a = p.parse_args(argv)
     from .models.bundle import load_bundle
-    from .models.lora import is_lora_folder, make_lcm_scheduler
+    from .models.lora import folder_scheduler, is_lora_folder
 
     if not is_lora_folder(a.model):
         raise ConfigError(f"--model {a.model} is not a fewstep LoRA folder (no fewstep_lora.json / "
@@ -287,7 +287,8 @@ def cmd_export(argv: list[str]) -> int:
     from .export import export_pipeline
 
     bundle = load_bundle(a.model)
-    export_pipeline(bundle, bundle.unet, make_lcm_scheduler(a.model, bundle), Path(a.output_dir))
+    # The sampler the student was trained for (LCM for LCM-LoRA, trailing DDIM for direct), not always LCM
+    export_pipeline(bundle, bundle.unet, folder_scheduler(a.model, bundle), Path(a.output_dir))
     hints = Path(a.model) / "fewstep_sampling.json"
     if hints.is_file():
         (Path(a.output_dir) / "fewstep_sampling.json").write_text(hints.read_text())

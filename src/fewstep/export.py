@@ -50,6 +50,13 @@ def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, 
         ts_arg = f", timesteps={facts['timesteps']}"
     (Path(out_dir) / "fewstep_sampling.json").write_text(json.dumps(hints) + "\n")
     sched = facts.get("scheduler", "LCMScheduler")
+    if facts.get("lora"):  # no model_index.json here: the base model, then the adapter and its scheduler
+        load = (f'pipe = DiffusionPipeline.from_pretrained("{teacher}")\n'
+                f'pipe.load_lora_weights("{out_dir}", weight_name="pytorch_lora_weights.safetensors")\n'
+                f'pipe.scheduler = {sched}.from_pretrained("{out_dir}", subfolder="scheduler")')
+    else:
+        load = (f'pipe = DiffusionPipeline.from_pretrained("{out_dir}")\n'
+                f'pipe.scheduler = {sched}.from_config(pipe.scheduler.config)')
     card = f"""---
 library_name: diffusers
 base_model: {teacher}
@@ -65,8 +72,7 @@ Teacher: `{teacher}`. Scheduler: `{facts.get('scheduler', 'LCMScheduler')}`,
 import torch
 from diffusers import DiffusionPipeline, {sched}
 
-pipe = DiffusionPipeline.from_pretrained("{out_dir}")
-pipe.scheduler = {sched}.from_config(pipe.scheduler.config)
+{load}
 image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs_num}{ts_arg}).images[0]
 ```
 

@@ -45,7 +45,11 @@ def _sampling_hints(model: str) -> dict:
 
 
 def _scheduler_class(model: str) -> str:
+    from ..models.lora import is_lora_folder
+
     p = Path(model) / "scheduler" / "scheduler_config.json"
+    if not p.is_file() and is_lora_folder(model):
+        return "LCMScheduler"  # what load_bundle samples a LoRA folder without its own scheduler with
     return json.loads(p.read_text()).get("_class_name", "") if p.is_file() else ""
 
 
@@ -54,10 +58,14 @@ def plan_runs(models: list[tuple[str, str]], steps: list[int], teacher_steps: li
     """Students (LCMScheduler folders) at ``steps``; students whose fewstep_sampling.json names a
     ``sampler`` (direct distillation) with it at their trained step count; other models (teachers)
     with DDIM at ``teacher_steps`` and with each baseline scheduler at ``steps``."""
+    from ..models.lora import is_lora_folder
+
     runs = []
     for label, path in models:
-        if not (Path(path) / "model_index.json").is_file():
-            raise ConfigError(f"--model {label}={path}: not a diffusers pipeline folder (no model_index.json)")
+        # LoRA folders load as `fewstep sample` loads them (load_bundle: the base with the LoRA fused in)
+        if not ((Path(path) / "model_index.json").is_file() or is_lora_folder(path)):
+            raise ConfigError(f"--model {label}={path}: neither a diffusers pipeline folder (no model_index.json) "
+                              "nor a fewstep LoRA folder (no fewstep_lora.json / pytorch_lora_weights.safetensors)")
         gs = guidance_scale if guidance_scale is not None else _sampling_hints(path).get("guidance_scale", 1.0)
         hints = _sampling_hints(path)
         if hints.get("sampler"):  # a student trained for one sampler at K steps (direct distillation)

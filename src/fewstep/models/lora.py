@@ -120,17 +120,21 @@ def is_lora_folder(path: str | Path) -> bool:
 
 def fuse_into(bundle, lora_dir: str | Path) -> None:
     """Load a fewstep LoRA folder into the bundle's UNet and merge it (W ← W + (α / r) B A)."""
-    pipe = bundle.pipeline(bundle.unet, make_lcm_scheduler(lora_dir, bundle))
+    pipe = bundle.pipeline(bundle.unet, folder_scheduler(lora_dir, bundle))
     pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE, adapter_name="fewstep")
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
     bundle.unet = pipe.unet
 
 
-def make_lcm_scheduler(lora_dir, bundle):
+def folder_scheduler(lora_dir, bundle):
+    """The scheduler the LoRA student was trained for, as its folder saved it: class and config of
+    ``scheduler/`` (LCMScheduler for LCM-LoRA, DDIMScheduler with trailing spacing for direct
+    distillation). Folders without one are LCM-LoRA folders: an LCMScheduler on the base schedule."""
     import diffusers
 
     sched_dir = Path(lora_dir) / "scheduler"
     if (sched_dir / "scheduler_config.json").is_file():
-        return diffusers.LCMScheduler.from_pretrained(str(sched_dir))
+        name = json.loads((sched_dir / "scheduler_config.json").read_text()).get("_class_name", "LCMScheduler")
+        return getattr(diffusers, name).from_pretrained(str(sched_dir))
     return diffusers.LCMScheduler.from_config(bundle.scheduler_config)

@@ -182,8 +182,9 @@ def check_settings(out: Path, settings: dict, done: dict[str, dict]) -> None:
     diff = {k: (old[k], v) for k, v in settings.items() if k in old and old[k] != v}
     for r in done.values():  # rows of a run interrupted before the JSON was written
         for k, col in ROW_SETTINGS.items():
-            if k not in diff and r.get(col) not in (None, "") and type(settings[k])(r[col]) != settings[k]:
-                diff[k] = (r[col], settings[k])
+            was = type(settings[k])(r[col]) if r.get(col) not in (None, "") else settings[k]
+            if k not in diff and was != settings[k]:
+                diff[k] = (was, settings[k])
     if diff:
         what = ", ".join(f"{SETTINGS[k]} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
         raise ConfigError(f"{out} holds rows generated with other settings ({what}): rerun with the same settings "

@@ -102,3 +102,83 @@ def test_command_line_entry_point_reports_errors(tmp_path):
     assert r.returncode == 2 and "unknown option --bogus_flag" in r.stderr
     r = subprocess.run([sys.executable, "-m", "fewstep", "distil"], capture_output=True, text=True)
     assert r.returncode == 2 and "did you mean 'distill'" in r.stderr
+
+
+# ---- bad input found by the user audit: each exits 2 with a line naming the fix ------------------
+
+def test_unknown_scheduler_is_named_before_any_work(tiny_teacher, tmp_path, capsys):
+    import json
+
+    from fewstep.diffusion.sampling import SCHEDULERS, make_scheduler
+
+    cfg = json.loads((tiny_teacher / "scheduler" / "scheduler_config.json").read_text())
+    assert [type(make_scheduler(k, cfg)).__name__ for k in SCHEDULERS] == [
+        "LCMScheduler", "DDIMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+        "DDPMScheduler", "FlowMatchEulerDiscreteScheduler"]
+    with pytest.raises(ConfigError, match="choose from lcm, ddim"):
+        make_scheduler("foo", cfg)
+    # sample: refused before the model folder is even read
+    assert main(["sample", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--scheduler", "dpm+"]) == 2
+    assert "--scheduler 'dpm+': unknown scheduler (did you mean 'dpm++'?)" in capsys.readouterr().err
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", f"t={tiny_teacher}", "--baselines", "ddim", "foo", "--out", str(out)]) == 2
+    assert "--baselines 'foo': unknown scheduler" in capsys.readouterr().err
+    assert not out.exists()  # no image was generated
+
+
+def test_resume_under_other_trainable_settings_is_refused(tiny_teacher, caption_folder, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["distill", *run_args(tiny_teacher, caption_folder, out, checkpointing_steps=1)]) == 0
+    lora = ["--lora_rank", "4", "--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
+    capsys.readouterr()
+    assert main(["distill", *run_args(tiny_teacher, caption_folder, out), *lora]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume_from_checkpoint {out / 'checkpoint-2'}: that run was trained with other settings" in err
+    assert "--lora_rank None there, 4 now" in err and "another --output_dir" in err
+    # Without the recorded config the failed load itself is named, not a traceback of missing keys
+    (out / "fewstep_config.yaml").rename(tmp_path / "config.yaml")
+    assert main(["distill", *run_args(tiny_teacher, caption_folder, out), *lora]) == 2
+    err = capsys.readouterr().err
+    assert "this run's models or optimizers cannot load it (Error(s) in loading state_dict" in err
+    assert "another --output_dir" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # nothing written
+
+
+def test_lora_targets_that_match_nothing_name_the_layers(tiny_teacher, caption_folder, tmp_path, capsys):
+    rc = main(["distill", *run_args(tiny_teacher, caption_folder, tmp_path / "o", lora_rank=4,
+                                    lora_target_modules="to_qq,to_kk")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--lora_target_modules to_qq,to_kk: no module of the UNet2DConditionModel has such a name" in err
+    names = err.split("are named ")[1].strip().split(", ")
+    assert {"to_q", "to_k", "to_v", "to_out.0", "conv1", "time_emb_proj"} <= set(names)
+    assert "0" not in names and len(names) == len(set(names))
+
+
+def test_sample_creates_the_output_folder(tiny_teacher, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "new" / "dir" / "x.png"
+    assert main(["sample", "--model", str(tiny_teacher), "--prompt", "x", "--num_inference_steps", "1",
+                 "--output", str(png)]) == 0
+    assert Image.open(png).format == "PNG"
+
+
+def test_eval_prompts_and_num_images_are_checked(tiny_teacher, tmp_path, capsys):
+    base = ["eval", "--model", f"t={tiny_teacher}", "--out", str(tmp_path / "e")]
+    assert main([*base, "--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert f"--prompts {tmp_path / 'missing.txt'}: no such file" in capsys.readouterr().err
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert main([*base, "--prompts", str(tmp_path / "blank.txt"), "--steps", "1", "--teacher_steps", "1",
+                 "--baselines"]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
+    assert main([*base, "--num_images", "0"]) == 2
+    assert "--num_images and --batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_data_set_is_named(tiny_teacher, caption_folder, tmp_path, capsys):
+    rc = main(["distill", *run_args(tiny_teacher, caption_folder, tmp_path / "o", train_batch_size=16)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "the data set holds 12 samples, fewer than one batch of --train_batch_size 16 per process x 1" in err
+    assert "lower --train_batch_size to at most 12 or add data" in err and "no usable sample" not in err

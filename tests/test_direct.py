@@ -333,3 +333,44 @@ def test_eval_takes_the_lora_folder(direct_lora, tmp_path):
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
     assert [(r["label"], r["scheduler"], r["steps"], r["guidance_scale"]) for r in rows] == [("direct-lora", "ddim", 2, 1.0)]
     assert np.isfinite(rows[0]["frechet_distance"])
+
+
+def test_generate_bad_input_exits_2(tiny_teacher, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\n")
+    base = ["generate", "--teacher", str(tiny_teacher), "--output_dir", str(tmp_path / "d"), "--prompts", str(prompts)]
+    assert main([*base, "--teacher_scheduler", "foo"]) == 2
+    assert "--teacher_scheduler 'foo': unknown scheduler; choose from" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*base, "--rand_device", "cuda"]) == 2
+    assert "CUDA is not available on this machine; use --rand_device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+
+
+def test_generate_refuses_other_settings_and_resumes_new_prompts(tiny_teacher, tmp_path):
+    from fewstep.generate import generate
+
+    kw = dict(teacher_steps=2, progress=False, batch_size=2)
+    out = tmp_path / "d"
+    assert generate(str(tiny_teacher), str(out), ["a photo of a cat"] * 2, **kw)["generated"] == 2
+    recorded = (out / "fewstep_generate.json").read_text()
+    assert json.loads(recorded) == {
+        "teacher": str(Path(tiny_teacher).resolve()), "teacher_steps": 2, "teacher_guidance_scale": 4.0,
+        "teacher_scheduler": "DDIMScheduler", "resolution": 32, "student_steps": 4, "student_guidance_scale": 1.0,
+        "rand_device": "cpu", "rows": 2}
+    for change, needle in [(dict(resolution=16), "--resolution 32 there, 16 now"),
+                           (dict(teacher_steps=3), "--teacher_steps 2 there, 3 now"),
+                           (dict(student_steps=2, teacher_guidance_scale=2.0),
+                            "--teacher_guidance_scale 4.0 there, 2.0 now, --student_steps 4 there, 2 now")]:
+        with pytest.raises(ConfigError, match="other settings") as e:
+            generate(str(tiny_teacher), str(out), ["a photo of a cat"] * 3, **{**kw, **change})
+        assert needle in str(e.value) and "new --output_dir" in str(e.value)
+    assert (out / "fewstep_generate.json").read_text() == recorded and len(_rows(out / "metadata.csv")) == 2
+    # A run killed before it wrote the JSON: the rows' own columns still tell the student settings
+    (out / "fewstep_generate.json").unlink()
+    with pytest.raises(ConfigError, match="--student_steps 4 there, 2 now"):
+        generate(str(tiny_teacher), str(out), ["a photo of a cat"] * 2, **{**kw, "student_steps": 2})
+    r = generate(str(tiny_teacher), str(out), ["a photo of a cat"] * 2 + ["a photo of a dog"], **kw)
+    assert (r["generated"], r["skipped"]) == (1, 2)  # same settings, one new prompt
+    assert [x["prompt"] for x in _rows(out / "metadata.csv")] == ["a photo of a cat"] * 2 + ["a photo of a dog"]
+    assert json.loads((out / "fewstep_generate.json").read_text())["rows"] == 3

@@ -150,10 +150,12 @@ def cmd_sample(argv: list[str]) -> int:
     import torch
     from PIL import Image
 
-    from .diffusion.sampling import make_scheduler, sample_images
+    from .diffusion.sampling import check_scheduler, make_scheduler, sample_images
     from .models.bundle import load_bundle
     from .training.trainer import image_grid
 
+    if a.scheduler:
+        check_scheduler(a.scheduler, "--scheduler")
     bundle = load_bundle(a.model)
     hints_path = Path(a.model) / "fewstep_sampling.json"
     hints = json.loads(hints_path.read_text()) if hints_path.is_file() else {}
@@ -175,6 +177,7 @@ def cmd_sample(argv: list[str]) -> int:
         ts = None
     imgs = sample_images(bundle, bundle.unet, sched, a.prompt, [a.seed + i for i in range(len(a.prompt))],
                          steps, gs, res, res, timesteps=ts)
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_grid([imgs])).save(a.output)
     print(f"{a.output}: {len(a.prompt)} image(s), {steps} steps, guidance {gs}, {type(sched).__name__}")
     return 0
@@ -240,8 +243,16 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--out", default="fewstep-eval")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
+    from .diffusion.sampling import check_scheduler
     from .eval.metrics import EXTRACTORS
     from .eval.run import evaluate, load_reference, plan_runs
+
+    for b in a.baselines:  # before any image is generated
+        check_scheduler(b, "--baselines")
+    if a.num_images < 1 or a.batch_size < 1:
+        raise ConfigError("--num_images and --batch_size must be >= 1")
+    if a.prompts and not Path(a.prompts).is_file():
+        raise ConfigError(f"--prompts {a.prompts}: no such file (give a text file, one prompt per line)")
 
     models = []
     for m in a.model:
@@ -251,6 +262,8 @@ def cmd_eval(argv: list[str]) -> int:
     prompts = None
     if a.prompts:
         prompts = [ln.strip() for ln in Path(a.prompts).read_text().splitlines() if ln.strip()]
+        if not prompts:
+            raise ConfigError(f"--prompts {a.prompts}: the file holds no prompt (one per line)")
     extractor = EXTRACTORS[a.features](a.inception_weights) if a.features == "inception" else EXTRACTORS[a.features]()
     clip = None
     if a.clip_model:

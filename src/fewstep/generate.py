@@ -122,6 +122,12 @@ def merge_parts(out: Path) -> int:
     return len(done)
 
 
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _save_png(img: torch.Tensor, path: Path) -> None:
     import numpy as np
     from PIL import Image
@@ -152,6 +158,39 @@ def teacher_scheduler(bundle, name: str | None):
     return cls.from_config(bundle.scheduler_config)
 
 
+# fewstep_generate.json keys that decide what a row holds, with the flag that sets each
+SETTINGS = {"teacher": "--teacher", "teacher_steps": "--teacher_steps", "teacher_guidance_scale": "--teacher_guidance_scale",
+            "teacher_scheduler": "--teacher_scheduler", "resolution": "--resolution", "student_steps": "--student_steps",
+            "student_guidance_scale": "--student_guidance_scale", "rand_device": "--rand_device"}
+# the same settings as written in each metadata.csv row
+ROW_SETTINGS = {"rand_device": "rand_device", "student_steps": "num_inference_steps",
+                "student_guidance_scale": "cfg_scale"}
+
+
+def _teacher_id(teacher: str) -> str:
+    """A local teacher folder by its absolute path (``./t`` and ``/abs/t`` are the same teacher)."""
+    return str(Path(teacher).resolve()) if Path(teacher).exists() else str(teacher)
+
+
+def check_settings(out: Path, settings: dict, done: dict[str, dict]) -> None:
+    """Refuse to add rows to ``out`` under other settings than its rows were generated with (recorded in
+    fewstep_generate.json and in each row): the data set would mix two teachers' distributions."""
+    p = out / "fewstep_generate.json"
+    old = json.loads(p.read_text()) if p.is_file() else {}
+    if "teacher" in old:
+        old["teacher"] = _teacher_id(old["teacher"])
+    diff = {k: (old[k], v) for k, v in settings.items() if k in old and old[k] != v}
+    for r in done.values():  # rows of a run interrupted before the JSON was written
+        for k, col in ROW_SETTINGS.items():
+            was = type(settings[k])(r[col]) if r.get(col) not in (None, "") else settings[k]
+            if k not in diff and was != settings[k]:
+                diff[k] = (was, settings[k])
+    if diff:
+        what = ", ".join(f"{SETTINGS[k]} {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ConfigError(f"{out} holds rows generated with other settings ({what}): rerun with the same settings "
+                          "(new prompts may be added), or use a new --output_dir")
+
+
 def generate(teacher: str, out_dir: str, prompts: list[str], *, teacher_steps: int = 50,
              teacher_guidance_scale: float = 4.0, student_steps: int = 4, student_guidance_scale: float = 1.0,
              images_per_prompt: int = 1, seed: int = 0, rand_device: str = "cpu", num_images: int | None = None,
@@ -172,6 +211,13 @@ def generate(teacher: str, out_dir: str, prompts: list[str], *, teacher_steps: i
         raise ConfigError("--images_per_prompt and --batch_size must be >= 1")
     if rand_device != "cpu" and not rand_device.startswith("cuda"):
         raise ConfigError(f"--rand_device {rand_device!r}: use cpu (reproducible anywhere) or cuda")
+    if rand_device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--rand_device {rand_device}: CUDA is not available on this machine; use --rand_device cpu "
+                          "(the same noise on any machine)")
+    if scheduler:
+        from .diffusion.sampling import check_scheduler
+
+        check_scheduler(scheduler, "--teacher_scheduler")
     state = PartialState()
     rank, world = state.process_index, state.num_processes
     out = Path(out_dir)
@@ -199,6 +245,14 @@ def generate(teacher: str, out_dir: str, prompts: list[str], *, teacher_steps: i
     if res % bundle.vae_scale:
         raise ConfigError(f"--resolution {res} must be a multiple of the VAE factor {bundle.vae_scale}")
     shape = (bundle.latent_channels, res // bundle.vae_scale, res // bundle.vae_scale)
+    settings = {"teacher": _teacher_id(teacher), "teacher_steps": teacher_steps,
+                "teacher_guidance_scale": float(teacher_guidance_scale), "teacher_scheduler": type(sched).__name__,
+                "resolution": res, "student_steps": student_steps,
+                "student_guidance_scale": float(student_guidance_scale), "rand_device": rand_device}
+    check_settings(out, settings, done)
+    state.wait_for_everyone()
+    if state.is_main_process:  # recorded before the first row, so an interrupted run is checked too
+        _write_json(out / "fewstep_generate.json", {**settings, "rows": len(done)})
     part = out / f"metadata.part-{rank}.csv"
     new_file = not part.is_file()
     bar = tqdm(total=len(mine), desc=f"teacher images (rank {rank})", unit="img",
@@ -231,9 +285,7 @@ def generate(teacher: str, out_dir: str, prompts: list[str], *, teacher_steps: i
     state.wait_for_everyone()
     if state.is_main_process:
         n = merge_parts(out)
-        (out / "fewstep_generate.json").write_text(json.dumps({
-            "teacher": str(teacher), "teacher_steps": teacher_steps, "teacher_guidance_scale": teacher_guidance_scale,
-            "teacher_scheduler": type(sched).__name__, "resolution": res, "rows": n}, indent=2) + "\n")
+        _write_json(out / "fewstep_generate.json", {**settings, "rows": n})
     state.wait_for_everyone()
     return {"rows": len(rows), "generated": len(mine), "skipped": skipped}
 

@@ -9,7 +9,22 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError
 from .schedule import guidance_scale_embedding
+
+# Short names accepted by make_scheduler; checked by the commands before any model loads.
+SCHEDULERS = ("lcm", "ddim", "ddim-leading", "dpm++", "euler", "ddpm", "flow-euler")
+
+
+def check_scheduler(name: str, flag: str) -> str:
+    """``name`` when it is a known short name, else a ConfigError naming ``flag`` and the choices."""
+    if name not in SCHEDULERS:
+        import difflib
+
+        hint = difflib.get_close_matches(name, SCHEDULERS, n=1)
+        raise ConfigError(f"{flag} {name!r}: unknown scheduler" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; choose from {', '.join(SCHEDULERS)}")
+    return name
 
 
 def make_scheduler(kind: str, scheduler_config: dict, **overrides):
@@ -26,8 +41,7 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
         "ddpm": diffusers.DDPMScheduler,
         "flow-euler": diffusers.FlowMatchEulerDiscreteScheduler,  # flow-matching teachers (SD3)
     }
-    if kind not in classes:
-        raise ValueError(f"unknown scheduler {kind!r}; choose from {', '.join(classes)}")
+    check_scheduler(kind, "scheduler")
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     if kind == "dpm++":
         overrides.setdefault("algorithm_type", "dpmsolver++")

@@ -91,7 +91,7 @@ class DisBack(DMD2):
             flags = {n: p.requires_grad for n, p in bundle.unet.named_parameters()}
             r = mcfg.fake_score_lora_rank
             attach_lora(bundle.unet, r, mcfg.fake_score_lora_alpha or r, 0.0, mcfg.fake_score_lora_target_modules,
-                        adapter="target")
+                        adapter="target", flag="--fake_score_lora_target_modules")
             bundle.unet.set_adapter("default")
             for n, p in bundle.unet.named_parameters():
                 p.requires_grad_(flags.get(n, False))

@@ -223,7 +223,8 @@ class DMD2(Method):
         bundle.to(dev, dtype=wdt, unet_dtype=wdt if (cfg.cast_teacher_unet or self.lora) else torch.float32)
         if self.lora:
             r = mcfg.fake_score_lora_rank
-            attach_lora(bundle.unet, r, mcfg.fake_score_lora_alpha or r, 0.0, mcfg.fake_score_lora_target_modules)
+            attach_lora(bundle.unet, r, mcfg.fake_score_lora_alpha or r, 0.0, mcfg.fake_score_lora_target_modules,
+                        flag="--fake_score_lora_target_modules")
             fake_unet = bundle.unet
         head = None
         if mcfg.gan:

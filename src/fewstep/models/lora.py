@@ -23,11 +23,13 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 META_FILE = "fewstep_lora.json"
 
 
-def attach_lora(unet, rank: int, alpha: float, dropout: float, targets: list[str], adapter: str = "default"):
+def attach_lora(unet, rank: int, alpha: float, dropout: float, targets: list[str], adapter: str = "default",
+                flag: str = "--lora_target_modules"):
     """Add a LoRA adapter (B = 0, so the model is unchanged until trained); its weights are fp32 even
     when the base weights are half precision."""
     from peft import LoraConfig
 
+    check_targets(unet, targets, flag)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                      init_lora_weights="gaussian")
     unet.add_adapter(cfg, adapter_name=adapter)
@@ -35,6 +37,24 @@ def attach_lora(unet, rank: int, alpha: float, dropout: float, targets: list[str
         if f".{adapter}." in name:
             p.data = p.data.float()
     return cfg
+
+
+def check_targets(model, targets: list[str], flag: str = "--lora_target_modules") -> None:
+    """A ConfigError naming the model's layer names when no module matches ``targets`` (peft's rule: a
+    module matches a target equal to its full name or to a dotted suffix of it)."""
+    from ..config import ConfigError
+
+    names = [n for n, _ in model.named_modules()]
+    if any(n == t or n.endswith("." + t) for n in names for t in targets):
+        return
+    leaves = set()
+    for n, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            parts = n.split(".")
+            # "to_out.0", "ff.net.2": an index alone names nothing
+            leaves.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    raise ConfigError(f"{flag} {','.join(targets)}: no module of the {type(model).__name__} has such a "
+                      f"name; its Linear/Conv layers are named {', '.join(sorted(leaves))}")
 
 
 def adapter_params(unet, adapter: str = "default") -> list[tuple[str, torch.nn.Parameter]]:

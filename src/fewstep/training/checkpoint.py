@@ -28,6 +28,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from ..config import ConfigError
+
 COMPLETE = "fewstep_complete"  # marker written last inside the temporary folder
 _PAT = re.compile(r"^checkpoint-(\d+)$")
 FAULT_ENV = "FEWSTEP_TEST_FAULT"
@@ -45,6 +47,35 @@ def fault_point(point: str, step: int) -> None:
 
 class CheckpointError(RuntimeError):
     pass
+
+
+# Settings that decide which parameters are trained and how the optimizer state is laid out: a
+# checkpoint written under other values cannot be loaded into this run's models and optimizers.
+RESUME_KEYS = ("method", "is_lora", "lora_rank", "lora_target_modules", "fake_score_lora_rank",
+               "fake_score_lora_target_modules", "unet_time_cond_proj_dim", "use_8bit_adam")
+
+
+def check_resume_settings(ckpt: Path, settings: dict) -> None:
+    """Refuse to resume ``ckpt`` when its run's recorded settings (the ``fewstep_config.yaml`` of the
+    run that wrote it) differ from ``settings`` in a :data:`RESUME_KEYS` key; keys one side lacks are
+    not compared. A checkpoint without a recorded config passes (the load itself is still guarded)."""
+    import yaml
+
+    recorded = Path(ckpt).parent / "fewstep_config.yaml"
+    if not recorded.is_file():
+        return
+    old = yaml.safe_load(recorded.read_text()) or {}
+    diff = [k for k in RESUME_KEYS if k in old and k in settings and old[k] != settings[k]]
+    if diff:
+        what = ", ".join(f"--{k} {old[k]!r} there, {settings[k]!r} now" for k in diff)
+        raise ResumeMismatch(
+            f"--resume_from_checkpoint {ckpt}: that run was trained with other settings ({what}), which change "
+            "the trained parameters or the optimizer state. Resume with the same settings (see "
+            f"{recorded}), or start a new run with another --output_dir")
+
+
+class ResumeMismatch(CheckpointError, ConfigError):
+    """A checkpoint that this run's configuration cannot load: a bad input (the command exits 2)."""
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

@@ -17,12 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunSpec
+from ..config import ConfigError, RunSpec
 from ..data import build_dataset, collate
 from ..export import write_model_card
 from ..methods import REGISTRY
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
-from .checkpoint import fault_point, list_checkpoints, recover, resolve_resume, save_checkpoint
+from .checkpoint import (
+    ResumeMismatch,
+    check_resume_settings,
+    fault_point,
+    list_checkpoints,
+    recover,
+    resolve_resume,
+    save_checkpoint,
+)
 from .speed import check_compile, speed_setup
 
 log = logging.getLogger("fewstep")
@@ -209,6 +217,13 @@ class Trainer:
         is_map = not isinstance(self.dataset, torch.utils.data.IterableDataset)
         # The loader's own generator: creating an iterator must not draw from the global RNG,
         # or a resumed run would see different noise than an uninterrupted one.
+        need = cfg.train_batch_size * acc.num_processes
+        if is_map and len(self.dataset) < need:  # drop_last would drop every batch of every epoch
+            raise ConfigError(
+                f"the data set holds {len(self.dataset)} samples, fewer than one batch of --train_batch_size "
+                f"{cfg.train_batch_size} per process x {acc.num_processes} process(es) = {need}, so every batch "
+                f"would be dropped (incomplete batches are): lower --train_batch_size to at most "
+                f"{len(self.dataset) // acc.num_processes} or add data")
         self.sampler = EpochSampler(len(self.dataset), cfg.seed) if is_map else None
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.train_batch_size, sampler=self.sampler, collate_fn=collate,
@@ -299,7 +314,15 @@ class Trainer:
         acc.wait_for_everyone()
         resume = resolve_resume(self.out, cfg.resume_from_checkpoint)
         if resume:
-            acc.load_state(str(resume))
+            check_resume_settings(resume, self.spec.to_dict())
+            try:
+                acc.load_state(str(resume))
+            except (RuntimeError, KeyError, ValueError) as e:  # shapes or keys of another configuration
+                first = " ".join(str(e).split())[:300] or type(e).__name__  # "hundreds of missing keys" cut short
+                raise ResumeMismatch(
+                    f"--resume_from_checkpoint {resume}: this run's models or optimizers cannot load it ({first}). "
+                    "Was it written with other settings? Resume with the run's settings (see "
+                    f"{resume.parent / 'fewstep_config.yaml'}), or start a new run with another --output_dir") from e
             log.info("resumed from %s at step %d", resume, st.step)
         elif cfg.resume_from_checkpoint:
             log.info("no checkpoint in %s yet: starting from step 0", self.out)

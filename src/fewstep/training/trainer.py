@@ -181,7 +181,7 @@ class Trainer:
         method_cls = REGISTRY[cfg.method]
         check_compile(cfg, acc.device.type)  # before any weight loads
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
-        method_cls.check_setup(cfg, spec.method, self.bundle.family)
+        method_cls.check_setup(cfg, spec.method, getattr(self.bundle, "family", None))  # (a method may hold no bundle)
         if cfg.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401

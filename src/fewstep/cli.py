@@ -24,17 +24,18 @@ commands:
 
 
 def method_configs():
+    """The registered methods by name (what config resolution binds a run's keys to)."""
     from .methods import REGISTRY
 
-    return {name: cls.Config for name, cls in REGISTRY.items()}
+    return dict(REGISTRY)
 
 
 def parse_run(argv: list[str]):
     """YAML (--config) first, command-line flags on top; returns a validated RunSpec."""
     import dataclasses
 
-    mconfigs = method_configs()
-    bool_keys = {f.name for c in [TrainConfig, *mconfigs.values()] for f in dataclasses.fields(c)
+    methods = method_configs()
+    bool_keys = {f.name for c in [TrainConfig, *(m.Config for m in methods.values())] for f in dataclasses.fields(c)
                  if f.type in ("bool", bool)}
     bool_keys |= {a for a, k in ALIASES.items() if k in bool_keys}
     raw: dict = {}
@@ -46,10 +47,8 @@ def parse_run(argv: list[str]):
         raw.update(load_yaml(argv[i + 1]))
         argv = argv[:i] + argv[i + 2:]
     raw.update(parse_cli_pairs(argv, bool_keys))
-    spec = resolve(raw, mconfigs)
-    from .methods import REGISTRY
-
-    if REGISTRY[spec.train.method].needs_teacher and not spec.train.pretrained_teacher_model:
+    spec = resolve(raw, methods)
+    if spec.method_cls.needs_teacher and not spec.train.pretrained_teacher_model:
         raise ConfigError("--pretrained_teacher_model is required (a diffusers folder or hub id)")
     return spec
 
@@ -59,22 +58,16 @@ def dry_run(spec) -> int:
     import yaml
 
     from .data import build_dataset
-    from .models.bundle import free_disk_bytes, load_bundle
+    from .models.bundle import free_disk_bytes
 
     cfg = spec.train
-    from .methods import REGISTRY
+    if cfg.cache_dir:
+        from .data.cache import check_cache
 
-    if REGISTRY[cfg.method].needs_teacher:
-        bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
-                             vae_path=cfg.pretrained_vae_model_name_or_path, weights=False)
-        REGISTRY[cfg.method].check_setup(cfg, spec.method, bundle.family)
-        unet = bundle.unet
-        if "cross_attention_dim" in unet:
-            print(f"teacher: {bundle.root} (family {bundle.family}, UNet in={unet['in_channels']} "
-                  f"cross_attention_dim={unet['cross_attention_dim']}, prediction_type={bundle.schedule.prediction_type})")
-        else:  # a flow-matching transformer (SD3)
-            print(f"teacher: {bundle.root} (family {bundle.family}, transformer in={unet['in_channels']} "
-                  f"joint_attention_dim={unet['joint_attention_dim']}, {bundle.scheduler_config['_class_name']})")
+        check_cache(cfg)  # the cache was made for this teacher and transform
+    light = spec.method_cls.preflight(cfg, spec.method)  # the teacher's configs, checked against the settings
+    if light is not None:
+        print(f"teacher: {light.describe()}")
     import torch
 
     from .training.speed import check_compile
@@ -170,12 +163,12 @@ def cmd_sample(argv: list[str]) -> int:
         sched = cls.from_config(bundle.scheduler_config)
     steps = a.num_inference_steps or hints.get("num_inference_steps", 4)
     gs = a.guidance_scale if a.guidance_scale is not None else hints.get("guidance_scale", 1.0)
-    res = a.resolution or bundle.unet.config.sample_size * bundle.vae_scale
+    res = a.resolution or bundle.default_resolution
     # Training timesteps the scheduler's own grid cannot express (a one-step generator at t = 399)
     ts = hints.get("timesteps")
     if a.scheduler or (ts and a.num_inference_steps and a.num_inference_steps != len(ts)):
         ts = None
-    imgs = sample_images(bundle, bundle.unet, sched, a.prompt, [a.seed + i for i in range(len(a.prompt))],
+    imgs = sample_images(bundle, bundle.denoiser, sched, a.prompt, [a.seed + i for i in range(len(a.prompt))],
                          steps, gs, res, res, timesteps=ts)
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_grid([imgs])).save(a.output)
@@ -200,7 +193,7 @@ def cmd_cache(argv: list[str]) -> int:
         raise ConfigError("fewstep cache writes a cache: give it --output_dir, not --cache_dir")
     if cfg.data_resampling:
         raise ConfigError("--data_resampling makes an endless stream, which cannot be cached; drop it")
-    from .data.cache import write_cache
+    from .caching import write_cache
 
     out = write_cache(spec)
     if out is not None:
@@ -301,7 +294,7 @@ def cmd_export(argv: list[str]) -> int:
 
     bundle = load_bundle(a.model)
     # The sampler the student was trained for (LCM for LCM-LoRA, trailing DDIM for direct), not always LCM
-    export_pipeline(bundle, bundle.unet, folder_scheduler(a.model, bundle), Path(a.output_dir))
+    export_pipeline(bundle, bundle.denoiser, folder_scheduler(a.model, bundle), Path(a.output_dir))
     hints = Path(a.model) / "fewstep_sampling.json"
     if hints.is_file():
         (Path(a.output_dir) / "fewstep_sampling.json").write_text(hints.read_text())

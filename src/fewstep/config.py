@@ -213,10 +213,12 @@ def parse_cli_pairs(argv: list[str], bool_keys: set[str]) -> dict[str, Any]:
 
 @dataclass
 class RunSpec:
-    """A resolved run: the common config plus the chosen method's config."""
+    """A resolved run: the common config, the chosen method's config and the method itself (the class
+    the trainer builds; config code never imports methods, the caller passes them in)."""
 
     train: TrainConfig
     method: Any
+    method_cls: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.train), **dataclasses.asdict(self.method)}
@@ -225,8 +227,10 @@ class RunSpec:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def resolve(raw: dict[str, Any], method_configs: dict[str, type], base: type = TrainConfig) -> RunSpec:
-    """Bind raw keys (from YAML and CLI, already merged) to ``base`` + the method's dataclass."""
+def resolve(raw: dict[str, Any], methods: dict[str, type], base: type = TrainConfig) -> RunSpec:
+    """Bind raw keys (from YAML and CLI, already merged) to ``base`` + the method's dataclass.
+    ``methods``: name → method class (anything with a ``Config`` dataclass), e.g. the methods registry."""
+    method_configs = {name: m.Config for name, m in methods.items()}
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
         raise ConfigError(f"option names must be strings, got {bad_keys[0]!r}")
@@ -251,7 +255,7 @@ def resolve(raw: dict[str, Any], method_configs: dict[str, type], base: type = T
         raise ConfigError(f"unknown option --{k}" + (f"; did you mean --{hint[0]}?" if hint else ""))
     tvals = {k: _convert(k, v, common[k].type) for k, v in raw.items() if k in common}
     mvals = {k: _convert(k, v, own[k].type) for k, v in raw.items() if k in own}
-    spec = RunSpec(base(**tvals), mcls(**mvals))
+    spec = RunSpec(base(**tvals), mcls(**mvals), methods[method])
     for obj in (spec.train, spec.method):
         check = getattr(obj, "validate", None)
         if check:
@@ -313,10 +317,6 @@ def validate_train(c: TrainConfig) -> None:
          "--file_list or --cache_dir")
     need(not c.data_resampling or bool(c.train_shards_path_or_url or c.file_list),
          "--data_resampling applies to streamed data: --train_shards_path_or_url or --file_list")
-    if c.cache_dir:
-        from .data.cache import check_cache
-
-        check_cache(c)  # the cache was made for this teacher and transform (no model is loaded)
     from diffusers.optimization import SchedulerType
 
     names = [s.value for s in SchedulerType]

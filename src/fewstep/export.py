@@ -17,7 +17,7 @@ def export_pipeline(bundle, unet, scheduler, out_dir: Path, vae_override: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(bundle.root)
     index = json.loads((root / "model_index.json").read_text())
-    denoiser = getattr(bundle, "denoiser_name", "unet")  # "transformer" for SD3
+    denoiser = bundle.denoiser_name
     for name in list(index):
         if name.startswith("_") or name in (denoiser, "scheduler"):
             continue
@@ -47,7 +47,8 @@ def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, 
     ts_arg = ""
     if facts.get("timesteps"):  # a scheduler grid that cannot express the training timesteps
         hints["timesteps"] = facts["timesteps"]
-        ts_arg = f", timesteps={facts['timesteps']}"
+        # in the form the family's pipeline takes them (timesteps=, or sigmas= for flow schedulers)
+        ts_arg = "".join(f", {k}={v}" for k, v in facts.get("pipeline_kwargs", {"timesteps": facts["timesteps"]}).items())
     (Path(out_dir) / "fewstep_sampling.json").write_text(json.dumps(hints) + "\n")
     sched = facts.get("scheduler", "LCMScheduler")
     if facts.get("lora"):  # no model_index.json here: the base model, then the adapter and its scheduler

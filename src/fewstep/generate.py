@@ -241,10 +241,10 @@ def generate(teacher: str, out_dir: str, prompts: list[str], *, teacher_steps: i
     device = device or (str(state.device) if torch.cuda.is_available() else "cpu")
     bundle = load_bundle(teacher).to(device)
     sched = teacher_scheduler(bundle, scheduler)
-    res = resolution or bundle.unet.config.sample_size * bundle.vae_scale
+    res = resolution or bundle.default_resolution
     if res % bundle.vae_scale:
         raise ConfigError(f"--resolution {res} must be a multiple of the VAE factor {bundle.vae_scale}")
-    shape = (bundle.latent_channels, res // bundle.vae_scale, res // bundle.vae_scale)
+    shape = bundle.latent_shape(res, res)
     settings = {"teacher": _teacher_id(teacher), "teacher_steps": teacher_steps,
                 "teacher_guidance_scale": float(teacher_guidance_scale), "teacher_scheduler": type(sched).__name__,
                 "resolution": res, "student_steps": student_steps,
@@ -266,7 +266,7 @@ def generate(teacher: str, out_dir: str, prompts: list[str], *, teacher_steps: i
             chunk = mine[i:i + batch_size]
             noise = batch_noise([r.seed for r in chunk], [rand_device] * len(chunk), shape)
             with torch.no_grad():
-                lat = sample_latents(bundle, bundle.unet, sched, [r.prompt for r in chunk], [r.seed for r in chunk],
+                lat = sample_latents(bundle, bundle.denoiser, sched, [r.prompt for r in chunk], [r.seed for r in chunk],
                                      teacher_steps, teacher_guidance_scale, res, res, noise=noise)
                 imgs = bundle.decode(lat).cpu()
             for r, img, z in zip(chunk, imgs, lat):

@@ -94,7 +94,7 @@ def generate(run: EvalRun, prompts: list[str], seeds: list[int], resolution: int
     if run.model not in bundles:
         bundles[run.model] = load_bundle(run.model).to(device)
     b = bundles[run.model]
-    res = resolution or b.unet.config.sample_size * b.vae_scale
+    res = resolution or b.default_resolution
     extra = {}
     # A student trained at timesteps its scheduler's grid cannot express (one-step DMD2 at t = 399)
     ts = _sampling_hints(run.model).get("timesteps") if run.scheduler == "lcm" else None
@@ -109,7 +109,7 @@ def generate(run: EvalRun, prompts: list[str], seeds: list[int], resolution: int
     out = []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        out.append(sample_images(b, b.unet, sched, prompts[i:i + batch_size], seeds[i:i + batch_size], run.steps,
+        out.append(sample_images(b, b.denoiser, sched, prompts[i:i + batch_size], seeds[i:i + batch_size], run.steps,
                                  run.guidance_scale, res, res, timesteps=ts).cpu())
         if progress is not None:
             progress.update(len(out[-1]))

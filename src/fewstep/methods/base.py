@@ -13,8 +13,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import ConfigError
-
 REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -45,19 +43,33 @@ class Method:
     needs_teacher: ClassVar[bool] = True  # --pretrained_teacher_model is required
 
     @classmethod
-    def check_setup(cls, cfg, mcfg, family: str) -> None:
-        """Refusals that need only the settings and the teacher's family (``bundle.family``): run by
-        ``--dry_run`` and by the trainer before the method builds anything. By default the methods work
-        on the discrete DDPM schedule of ε/v UNets (SD1.x/2.x, SDXL)."""
-        if family == "sd3":
-            raise ConfigError(f"--method {cls.name} is defined on the discrete DDPM schedule of ε/v teachers and "
-                              "does not apply to flow-matching teachers (SD3); use --method direct")
+    def check_setup(cls, cfg, mcfg, bundle) -> None:
+        """Refusals that need only the settings and the teacher's capabilities: ``bundle`` is the teacher
+        loaded without weights (configs only; None for methods without a teacher). Run by ``--dry_run``
+        and by the trainer before any weight loads (:meth:`preflight`)."""
+
+    @classmethod
+    def preflight(cls, cfg, mcfg):
+        """The teacher's configs (no weights) checked against the settings; returns that light bundle."""
+        if not cls.needs_teacher:
+            cls.check_setup(cfg, mcfg, None)
+            return None
+        from ..models.bundle import load_bundle
+
+        light = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
+                            vae_path=cfg.pretrained_vae_model_name_or_path, weights=False)
+        cls.check_setup(cfg, mcfg, light)
+        return light
 
     @classmethod
     def make_bundle(cls, cfg, mcfg):
         """The models this method starts from: by default the teacher folder, weights loaded (fp32)."""
         from ..models.bundle import load_bundle
 
+        if cfg.cache_dir:
+            from ..data.cache import check_cache
+
+            check_cache(cfg)  # made for this teacher and transform, before the weights load
         bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
                              vae_path=cfg.pretrained_vae_model_name_or_path,
                              vae_encode_batch_size=cfg.vae_encode_batch_size,

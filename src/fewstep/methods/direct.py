@@ -28,27 +28,26 @@ backward pass, so there the per-step checkpoint is off and ``--gradient_checkpoi
 inside the denoiser's blocks) bounds memory instead; a warning says so.
 
 The student is the teacher's denoiser itself, trained (no frozen teacher copy is needed: the teacher's
-work is in the data), or LoRA adapters on it (``--lora_rank``). Export: the diffusers pipeline with that
-scheduler's config and ``fewstep_sampling.json`` (K, w, sampler), so the vanilla pipeline at K steps and
-guidance w reproduces the student.
+work is in the data), or LoRA adapters on it (``--lora_rank``; UNets and transformers alike). Export:
+the diffusers pipeline with that scheduler's config and ``fewstep_sampling.json`` (K, w, sampler), so
+the vanilla pipeline at K steps and guidance w reproduces the student.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from ..config import ConfigError
 from ..diffusion.noise import batch_noise
-from ..diffusion.sampling import make_scheduler, sample_images
+from ..diffusion.sampling import guided_denoiser, is_flow_config, make_scheduler, sample_images, unroll
 from ..export import export_pipeline
-from ..models.bundle import cat_cond, weight_dtype_of
-from ..models.lora import DEFAULT_TARGETS, adapter_params, attach_lora, save_lora
+from ..models.bundle import weight_dtype_of
+from ..models.lora import adapter_params, attach_lora, save_lora
 from .base import Group, Method, StepOutput, register
 
 log = logging.getLogger("fewstep.direct")
@@ -64,7 +63,7 @@ class DirectConfig:
     lora_rank: int | None = None  # LoRA rank r; giving it trains adapters instead of the full denoiser
     lora_alpha: float | None = None  # LoRA α, scale α / r (default: r)
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    lora_target_modules: list[str] | None = None  # default: the family's LoRA targets
 
     def validate(self):
         if self.direct_variant not in VARIANTS:
@@ -77,39 +76,18 @@ class DirectConfig:
             raise ConfigError("--lora_rank must be >= 1")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError("--lora_dropout must be in [0, 1)")
-        if not self.lora_target_modules:
+        if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ConfigError("--lora_target_modules must name at least one module")
 
 
 def student_scheduler(scheduler_config: dict):
-    """The deterministic few-step scheduler of a teacher family: flow-matching Euler for flow teachers,
-    DDIM with "trailing" spacing (first step at t = N − 1) otherwise; returns (scheduler, short name)."""
-    if scheduler_config.get("_class_name", "").startswith("FlowMatch"):
+    """The deterministic few-step scheduler of a teacher's schedule: flow-matching Euler for flow
+    teachers, DDIM with "trailing" spacing (first step at t = N − 1) otherwise; returns (scheduler,
+    short name)."""
+    if is_flow_config(scheduler_config):
         return make_scheduler("flow-euler", scheduler_config), "flow-euler"
     return make_scheduler("ddim", scheduler_config, set_alpha_to_one=scheduler_config.get("set_alpha_to_one", False),
                           clip_sample=False), "ddim"
-
-
-def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int, checkpoint: bool = True):
-    """States [z_0 = x_T·σ_init, z_1, …, z_K] of ``scheduler``'s K-step sampler, differentiable.
-
-    ``denoise(z, t)`` returns the (guided) model output; ``scheduler.step`` is the library's own code,
-    so the states equal those of the vanilla pipeline. Only the denoiser call is checkpointed: the
-    step itself is cheap, and some schedulers advance an internal counter on every call, which must
-    not happen twice."""
-    scheduler.set_timesteps(num_inference_steps, device=x_T.device)
-    # Flow-matching schedulers have neither (their pipelines start from plain N(0, I) and feed z as is).
-    z = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
-    states = [z]
-    for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z
-        if checkpoint and torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(denoise, inp, t, use_reentrant=False)
-        else:
-            out = denoise(inp, t)
-        z = scheduler.step(out, t, z, return_dict=True).prev_sample
-        states.append(z)
-    return states
 
 
 def state_levels(scheduler) -> list[tuple[float, float]]:
@@ -150,7 +128,7 @@ class Direct(Method):
     Config = DirectConfig
 
     @classmethod
-    def check_setup(cls, cfg, mcfg, family: str) -> None:
+    def check_setup(cls, cfg, mcfg, bundle) -> None:
         # Every family, flow-matching ones included: the student's own sampler is unrolled, no DDPM math.
         if cfg.random_flip:
             raise ConfigError("--method direct regresses onto the teacher's image from the same noise: "
@@ -160,21 +138,18 @@ class Direct(Method):
                               "--save_latents` (its own regression targets), not from a cache; drop --cache_dir")
         if not cfg.train_data_dir:
             raise ConfigError("--method direct needs teacher data from `fewstep generate` as --train_data_dir")
-        if mcfg.lora_rank is not None and family == "sd3":
-            raise ConfigError(f"--lora_rank: LoRA students are written for UNet families today; the {family} "
-                              "transformer trains as a full model (drop --lora_rank)")
 
     def __init__(self, cfg, mcfg: DirectConfig, bundle, accelerator):
         super().__init__(cfg, mcfg, bundle, accelerator)
-        self.check_setup(cfg, mcfg, bundle.family)
+        self.check_setup(cfg, mcfg, bundle)
         wdt = weight_dtype_of(cfg.mixed_precision)
         self.lora = mcfg.lora_rank is not None
         # No frozen teacher: its work is in the data. The student is the teacher's denoiser itself.
-        bundle.to(accelerator.device, dtype=wdt, unet_dtype=wdt if self.lora else torch.float32)
-        self.student = bundle.unet
+        bundle.to(accelerator.device, dtype=wdt, denoiser_dtype=wdt if self.lora else torch.float32)
+        self.student = bundle.denoiser
         if self.lora:
             attach_lora(self.student, mcfg.lora_rank, mcfg.lora_alpha or mcfg.lora_rank, mcfg.lora_dropout,
-                        mcfg.lora_target_modules)
+                        mcfg.lora_target_modules or bundle.lora_targets)
         else:
             self.student.requires_grad_(True)
         self.student.train()
@@ -222,23 +197,13 @@ class Direct(Method):
             return torch.stack([load_file(str(self.data_root / p))["latents"] for p in meta["latents"]]).to(dev)
         return self.bundle.encode_images(batch["pixel_values"], sample=False).to(dev)
 
-    def condition(self, captions: list[str], w: float):
+    def denoiser(self, net, captions: list[str], w: float):
+        """D(z, t): the student's (guided) output, as the pipeline computes it (CFG over one uncond ‖
+        cond batch when w > 1)."""
         res = self.cfg.resolution
         cond = self.bundle.encode_text(captions, size=(res, res))
-        if w > 1.0:  # CFG as the pipeline runs it: uncond ‖ cond in one batch
-            cond = cat_cond(self.bundle.uncond(len(captions), size=(res, res)), cond)
-        return cond
-
-    def denoiser(self, net, cond, w: float):
-        """D(z, t): the student's (guided) output, as the pipeline computes it."""
-
-        def denoise(z, t):
-            if w > 1.0:
-                out_u, out_c = self.bundle.predict(net, torch.cat([z, z]), t, cond).chunk(2)
-                return out_u + w * (out_c - out_u)
-            return self.bundle.predict(net, z, t, cond)
-
-        return denoise
+        uncond = self.bundle.uncond(len(captions), size=(res, res)) if w > 1.0 else None
+        return guided_denoiser(self.bundle, net, cond, uncond, w)
 
     # ---- loss ---------------------------------------------------------------------------------
     def loss(self, phase, batch, step):
@@ -249,8 +214,7 @@ class Direct(Method):
         B, res, dev = len(batch["caption"]), self.cfg.resolution, self.accelerator.device
         K, w = self._row_settings(meta, B)
         self.sampling.K, self.sampling.w = K, w
-        vs = self.bundle.vae_scale
-        shape = (self.bundle.latent_channels, res // vs, res // vs)
+        shape = self.bundle.latent_shape(res, res)
         devices = meta.get("rand_device") or ["cpu"] * B
         x_T = batch_noise([int(s) for s in meta["seed"]], devices, shape, device=dev)
         with torch.no_grad():
@@ -258,9 +222,10 @@ class Direct(Method):
         if x_hat.shape != x_T.shape:
             raise ConfigError(f"teacher latents have shape {tuple(x_hat.shape[1:])} but --resolution {res} gives "
                               f"{shape}: train at the resolution the data was generated at")
-        cond = self.condition(list(batch["caption"]), w)
+        denoise = self.denoiser(self.student, list(batch["caption"]), w)
         with self.accelerator.autocast():
-            states = unroll(self.denoiser(self.student, cond, w), self.sched, x_T, K, self.checkpoint)
+            states = unroll(denoise, self.sched, x_T, K, self.checkpoint,
+                            timestep_kwargs=self.bundle.timestep_kwargs(res, res))
         z_K = states[-1].float()
         final = F.mse_loss(z_K, x_hat)
         logs = {"loss_final": final.detach()}
@@ -275,24 +240,24 @@ class Direct(Method):
 
     # ---- sampling and export ------------------------------------------------------------------
     def sample(self, prompts, seeds, num_inference_steps, guidance_scale):
-        unet = self.accelerator.unwrap_model(self.student)
+        net = self.accelerator.unwrap_model(self.student)
         w = guidance_scale if guidance_scale is not None else (self.sampling.w or 1.0)
         sched, _ = student_scheduler(self.bundle.scheduler_config)
         res = self.cfg.resolution
         with self.accelerator.autocast():
-            return sample_images(self.bundle, unet, sched, prompts, seeds, num_inference_steps, w, res, res)
+            return sample_images(self.bundle, net, sched, prompts, seeds, num_inference_steps, w, res, res)
 
     def export(self, out_dir: Path):
-        unet = self.accelerator.unwrap_model(self.student)
+        net = self.accelerator.unwrap_model(self.student)
         sched, name = student_scheduler(self.bundle.scheduler_config)
         K, w = self.sampling.K, self.sampling.w if self.sampling.w is not None else 1.0
         facts = {"scheduler": type(sched).__name__, "sampler": name, "num_inference_steps": K, "guidance_scale": w,
                  "guidance_note": f"Direct distillation ({self.mcfg.direct_variant}): trained for exactly {K} steps of "
                                   f"{type(sched).__name__} at guidance scale {w:g}; other settings are untrained."}
         if self.lora:
-            save_lora(unet, out_dir, self.bundle.pipeline_cls, self.bundle.root)
+            save_lora(net, out_dir, self.bundle, self.bundle.root)
             sched.save_pretrained(Path(out_dir) / "scheduler")
             facts["lora"] = True
         else:
-            export_pipeline(self.bundle, unet, sched, out_dir, vae_override=self.cfg.pretrained_vae_model_name_or_path)
+            export_pipeline(self.bundle, net, sched, out_dir, vae_override=self.cfg.pretrained_vae_model_name_or_path)
         return facts

@@ -87,17 +87,19 @@ class DisBack(DMD2):
         self.path_dir = Path(mcfg.degradation_path or Path(cfg.output_dir) / "degradation_path")
         self.state = DisBackState(self)
         if self.lora:
-            # The target is a second adapter on the same UNet: the path holds LoRA deltas only.
-            flags = {n: p.requires_grad for n, p in bundle.unet.named_parameters()}
+            # The target is a second adapter on the same network: the path holds LoRA deltas only.
+            net = bundle.denoiser
+            flags = {n: p.requires_grad for n, p in net.named_parameters()}
             r = mcfg.fake_score_lora_rank
-            attach_lora(bundle.unet, r, mcfg.fake_score_lora_alpha or r, 0.0, mcfg.fake_score_lora_target_modules,
-                        adapter="target", flag="--fake_score_lora_target_modules")
-            bundle.unet.set_adapter("default")
-            for n, p in bundle.unet.named_parameters():
+            attach_lora(net, r, mcfg.fake_score_lora_alpha or r, 0.0,
+                        mcfg.fake_score_lora_target_modules or bundle.lora_targets, adapter="target",
+                        flag="--fake_score_lora_target_modules")
+            net.set_adapter("default")
+            for n, p in net.named_parameters():
                 p.requires_grad_(flags.get(n, False))
             self.target_unet = None
         else:
-            self.target_unet = frozen_copy(bundle.unet)
+            self.target_unet = frozen_copy(bundle.denoiser)
         if mcfg.disback_stage == "backtracking":
             manifest = self.path_dir / MANIFEST
             if not manifest.is_file():
@@ -131,7 +133,7 @@ class DisBack(DMD2):
     def _weights(self, adapter: str) -> dict[str, torch.Tensor]:
         """A path point: the fake score's full weights, or its LoRA delta under adapter-free key names."""
         if self.lora:
-            return {n.replace(f".{adapter}.", "."): p for n, p in adapter_params(self.bundle.unet, adapter)}
+            return {n.replace(f".{adapter}.", "."): p for n, p in adapter_params(self.bundle.denoiser, adapter)}
         return dict(self._fake_unet().state_dict())
 
     def _load_strict(self, file: Path, adapter: str | None) -> None:
@@ -184,9 +186,9 @@ class DisBack(DMD2):
         if self.current_target() is None:
             return super().real_score(z, t, cond)
         if self.lora:
-            with active_adapter(self.bundle.unet, "target") as unet:
-                return self.bundle.predict(unet, z, t, cond)
-        return self.bundle.predict(self.target_unet, z, t, cond)
+            with active_adapter(self.bundle.denoiser, "target") as net:
+                return self.bundle.denoise(net, z, t, cond)
+        return self.bundle.denoise(self.target_unet, z, t, cond)
 
     def loss(self, phase, batch, step):
         if self.state.stage == "degradation":
@@ -212,7 +214,7 @@ class DisBack(DMD2):
     # ---- export ----------------------------------------------------------------------------
     def export(self, out_dir: Path):
         if self.mcfg.disback_stage == "degradation":
-            return {"scheduler": "LCMScheduler", "num_inference_steps": 1, "guidance_scale": 0.0,
+            return {"scheduler": type(self.scheduler()).__name__, "num_inference_steps": 1, "guidance_scale": 0.0,
                     "guidance_note": f"Stage 1 only: the degradation path is in {self.path_dir} "
                                      f"({len(self.state.path)} points); run --disback_stage backtracking with "
                                      f"--degradation_path {self.path_dir} to train the generator."}

@@ -20,28 +20,35 @@ Memory-lean option: ``--fake_score_lora_rank`` makes the fake score a LoRA over 
 own weights; the real score is the same UNet with adapters disabled, so only two UNets sit in memory
 (teacher + generator) instead of three.
 
-Optional: a diffusion-GAN classifier head on the fake score's bottleneck (the UNet mid-block output,
-read by a forward hook) that tells re-noised real latents from re-noised G samples; and a regression
-loss of G on teacher noise → image pairs (rows with ``seed`` and ``rand_device`` columns, as
-``fewstep generate`` writes them).
+Optional: a diffusion-GAN classifier head on the fake score's features (where the family's
+:meth:`~fewstep.models.base.ModelBundle.feature_tap` reads them: a UNet's bottleneck, a transformer's
+middle block) that tells re-noised real latents from re-noised G samples; and a regression loss of G on
+teacher noise → image pairs (rows with ``seed`` and ``rand_device`` columns, as ``fewstep generate``
+writes them).
+
+Flow-matching teachers run the same algorithm: timesteps are drawn as levels of the teacher's table
+(:meth:`~fewstep.diffusion.schedule.Schedule.timestep`), x̂₀ comes from the predicted velocity, the fake
+score learns the flow target ε − x₀, and a K-step generator is sampled by FlowMatchLCMScheduler (x̂₀,
+then re-noised to the next σ: backward simulation's own step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..diffusion.guidance import cfg as cfg_combine
 from ..diffusion.noise import batch_noise
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..export import export_pipeline
 from ..models.bundle import cat_cond, weight_dtype_of
-from ..models.lora import DEFAULT_TARGETS, adapter_params, adapters_disabled, attach_lora, save_lora
+from ..models.lora import adapter_params, adapters_disabled, attach_lora, save_lora
 from .base import Group, Method, StepOutput, register
 
 
@@ -61,15 +68,20 @@ def dm_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor):
     return loss, g
 
 
+def _rounded(values: list) -> list:
+    return [round(v, 6) if isinstance(v, float) else v for v in values]
+
+
 def phase_of(step: int, ratio: int) -> str:
     """The two time-scale schedule: a cycle of ``ratio + 1`` steps, the generator at position 0."""
     return "generator" if step % (ratio + 1) == 0 else "guidance"
 
 
 def training_timesteps(num_train_timesteps: int, num_denoising_step: int, conditioning_timestep: int):
-    """The generator's timesteps, largest first. One step: [conditioning_timestep]. K steps: the grid
-    N−1, N−1−N/K, … that LCMScheduler(original_inference_steps=K) also yields (DMD2's
-    ``range(N−1, 0, −N/K)``), so the exported scheduler samples at exactly these timesteps."""
+    """The generator's levels, largest first. One step: [conditioning_timestep]. K steps: the grid
+    N−1, N−1−N/K, … (DMD2's ``range(N−1, 0, −N/K)``), which on a DDPM table is also what
+    LCMScheduler(original_inference_steps=K) yields, so the exported scheduler samples at exactly these
+    timesteps."""
     if num_denoising_step == 1:
         return [conditioning_timestep]
     k = num_train_timesteps // num_denoising_step
@@ -91,7 +103,7 @@ class DMD2Config:
     dm_loss_weight: float = 1.0  # weight of the distribution-matching loss
     fake_score_lora_rank: int | None = None  # fake score as a LoRA of this rank over the teacher's weights
     fake_score_lora_alpha: float | None = None  # its LoRA α (default: rank)
-    fake_score_lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    fake_score_lora_target_modules: list[str] | None = None  # default: the family's LoRA targets
     gen_cls_loss_weight: float = 0.0  # generator GAN loss softplus(−D(fake)) weight (DMD2: 5e-3)
     guidance_cls_loss_weight: float = 0.0  # discriminator loss weight (DMD2: 1e-2); needs real images
     cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: alone, it sets the two weights above to DMD2's
@@ -151,22 +163,23 @@ class ClassifierHead(torch.nn.Module):
 
 
 class FakeScore(torch.nn.Module):
-    """The trainable "guidance" group: the fake-score UNet and the optional GAN head, one module so that
-    one optimizer (and accelerate's wrapping) covers both. ``forward`` is the UNet's; inside
-    :meth:`classifying` it returns the head's logits on the mid-block output of that same forward."""
+    """The trainable "guidance" group: the fake-score denoiser and the optional GAN head, one module so
+    that one optimizer (and accelerate's wrapping) covers both. ``forward`` is the denoiser's; inside
+    :meth:`classifying` it returns the head's logits on the features ``tap`` reads during that same
+    forward. (The denoiser's attribute is ``unet`` for every family: checkpoints store it by that name.)"""
 
-    def __init__(self, unet, head: ClassifierHead | None = None):
+    def __init__(self, unet, head: ClassifierHead | None = None, tap=None):
         super().__init__()
         self.unet = unet
         self.cls_head = head
         self._feat = None
         self._classify = False
         if head is not None:
-            unet.mid_block.register_forward_hook(self._hook)
+            tap.attach(self._hook)
 
-    def _hook(self, module, args, output):
-        if self._classify:  # the same UNet also runs as the teacher (LoRA): keep only our own forwards
-            self._feat = output
+    def _hook(self, feat):
+        if self._classify:  # the same network also runs as the teacher (LoRA): keep only our own forwards
+            self._feat = feat
 
     @contextlib.contextmanager
     def classifying(self):
@@ -183,11 +196,15 @@ class FakeScore(torch.nn.Module):
         return _Logits(self.cls_head(self._feat))
 
 
-class _Logits:
-    """The head's output where ``bundle.predict`` expects a UNet output (``.sample``)."""
+class _Logits(tuple):
+    """The head's output where the bundle expects the denoiser's output (``.sample``, or ``[0]``)."""
 
-    def __init__(self, value):
-        self.sample = value
+    def __new__(cls, value):
+        return super().__new__(cls, (value,))
+
+    @property
+    def sample(self):
+        return self[0]
 
 
 @register
@@ -195,46 +212,55 @@ class DMD2(Method):
     name = "dmd2"
     Config = DMD2Config
 
-    def __init__(self, cfg, mcfg: DMD2Config, bundle, accelerator):
-        super().__init__(cfg, mcfg, bundle, accelerator)
+    @classmethod
+    def check_setup(cls, cfg, mcfg, bundle) -> None:
         N = bundle.schedule.num_train_timesteps
         if mcfg.num_denoising_step > 1 and N % mcfg.num_denoising_step:
             raise ConfigError(f"--num_denoising_step {mcfg.num_denoising_step} must divide the teacher's {N} "
-                              "training steps (1, 2, 4, 5, 8, 10 for N = 1000), so that LCMScheduler can sample "
-                              "the generator at its training timesteps")
+                              "training steps (1, 2, 4, 5, 8, 10 for N = 1000), so that the few-step scheduler "
+                              "samples the generator at its training timesteps")
         if not 0 <= mcfg.conditioning_timestep < N:
             raise ConfigError(f"--conditioning_timestep must be in [0, {N})")
         if mcfg.regression_loss_weight > 0 and cfg.cache_dir:
             raise ConfigError("--regression_loss_weight regenerates each row's teacher noise from its seed and "
                               "rand_device columns, which a `fewstep cache` does not keep: train from the "
                               "metadata CSV (--train_data_dir meta.csv), not --cache_dir")
-        self.N = N
-        self.timesteps = training_timesteps(N, mcfg.num_denoising_step, mcfg.conditioning_timestep)
+
+    def __init__(self, cfg, mcfg: DMD2Config, bundle, accelerator):
+        super().__init__(cfg, mcfg, bundle, accelerator)
+        self.check_setup(cfg, mcfg, bundle)
+        res = cfg.resolution
+        self.schedule = sch = bundle.schedule_for(res, res)
+        N = self.N = sch.num_train_timesteps
+        self.timesteps = self._grid(mcfg.num_denoising_step, mcfg.conditioning_timestep)
         self.min_step = int(mcfg.min_step_percent * N)
         self.max_step = min(int(mcfg.max_step_percent * N), N - 1)
+        self.t_noise = sch.timestep(torch.tensor(N - 1)).item()  # the pure-noise end of the table
         wdt = weight_dtype_of(cfg.mixed_precision)
         dev = accelerator.device
         self.lora = mcfg.fake_score_lora_rank is not None
         # Trainable copies first, from the fp32 teacher weights, before the teacher is cast.
         self.generator = bundle.new_denoiser()
-        fake_unet = None if self.lora else bundle.new_denoiser()
+        fake_net = None if self.lora else bundle.new_denoiser()
         # The frozen teacher (real score) in the mixed-precision dtype; with a LoRA fake score its base
         # weights are the fake score's too and are frozen, so they go to that dtype as well.
-        bundle.to(dev, dtype=wdt, unet_dtype=wdt if (cfg.cast_teacher_unet or self.lora) else torch.float32)
+        bundle.to(dev, dtype=wdt, denoiser_dtype=wdt if (cfg.cast_teacher_unet or self.lora) else torch.float32)
         if self.lora:
             r = mcfg.fake_score_lora_rank
-            attach_lora(bundle.unet, r, mcfg.fake_score_lora_alpha or r, 0.0, mcfg.fake_score_lora_target_modules,
+            attach_lora(bundle.denoiser, r, mcfg.fake_score_lora_alpha or r, 0.0,
+                        mcfg.fake_score_lora_target_modules or bundle.lora_targets,
                         flag="--fake_score_lora_target_modules")
-            fake_unet = bundle.unet
-        head = None
+            fake_net = bundle.denoiser
+        head = tap = None
         if mcfg.gan:
-            head = ClassifierHead(bundle.unet.config.block_out_channels[-1])
-        self.guidance = FakeScore(fake_unet, head).to(dev)
+            tap = bundle.feature_tap(fake_net)
+            head = ClassifierHead(tap.channels)
+        self.guidance = FakeScore(fake_net, head, tap).to(dev)
         self.generator.to(dev)
         if cfg.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
             if not self.lora:
-                fake_unet.enable_gradient_checkpointing()
+                fake_net.enable_gradient_checkpointing()
 
     # ---- groups and schedule ---------------------------------------------------------------
     def groups(self):
@@ -262,32 +288,37 @@ class DMD2(Method):
     def _gen(self):
         return self.accelerator.unwrap_model(self.generator)
 
+    def _grid(self, K: int, conditioning_level: int) -> list:
+        """The generator's training timesteps: the table timesteps of :func:`training_timesteps`'s levels
+        (ints on DDPM tables, floats on the flow table)."""
+        levels = torch.tensor(training_timesteps(self.N, K, conditioning_level))
+        return self.schedule.timestep(levels).tolist()
+
     def real_score(self, z, t, cond):
-        """Raw output of the real score: the teacher (the shared UNet with adapters off, for LoRA)."""
+        """Raw output of the real score: the teacher (the shared network with adapters off, for LoRA)."""
         if self.lora:
-            with adapters_disabled(self.bundle.unet) as base:
-                return self.bundle.predict(base, z, t, cond)
-        return self.bundle.predict(self.bundle.unet, z, t, cond)
+            with adapters_disabled(self.bundle.denoiser) as base:
+                return self.bundle.denoise(base, z, t, cond)
+        return self.bundle.denoise(self.bundle.denoiser, z, t, cond)
 
     def fake_score(self, z, t, cond, net=None):
-        return self.bundle.predict(net if net is not None else self._guidance(), z, t, cond)
+        return self.bundle.denoise(net if net is not None else self._guidance(), z, t, cond)
 
     def _guided_x0(self, score, z, t, cond, scale):
-        """x̂₀ under classifier-free guidance x̂₀_u + w (x̂₀_c − x̂₀_u): cond and uncond in one batch."""
-        sch, B = self.bundle.schedule, z.shape[0]
+        """x̂₀ under classifier-free guidance x̂₀_u + s (x̂₀_c − x̂₀_u): cond and uncond in one batch."""
+        sch, B = self.schedule, z.shape[0]
         if scale == 1.0:
             return sch.to_x0_eps(score(z, t, cond), z, t)[0]
         zz, tt = torch.cat([z, z]), torch.cat([t, t])
         x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, self.bundle.uncond(B, size=self._size()))), zz, tt)[0]
         x0_c, x0_u = x0.chunk(2)
-        return x0_u + scale * (x0_c - x0_u)
+        return cfg_combine(x0_c, x0_u, scale)
 
     def _size(self):
         return (self.cfg.resolution, self.cfg.resolution)
 
     def _latent_shape(self, B):
-        h = self.cfg.resolution // self.bundle.vae_scale
-        return (B, self.bundle.latent_channels, h, h)
+        return (B, *self.bundle.latent_shape(*self._size()))
 
     def _cond(self, batch):
         # (from a cache, the stored text embeddings: no text encoder in the step; the size-only
@@ -296,13 +327,14 @@ class DMD2(Method):
         return self.bundle.cond_from_text(text, self._size())
 
     def _generate_x0(self, gen, z, t, cond):
-        return self.bundle.schedule.to_x0_eps(self.bundle.predict(gen, z, t, cond), z, t)[0]
+        return self.bundle.predict(gen, z, t, cond, schedule=self.schedule).x0
 
     def generator_input(self, batch, cond, B):
         """(z, t) the generator is trained on, ALGORITHMS.md §5: one step, pure noise at the conditioning
         timestep; K steps, a training timestep t_k with z = real latents noised to t_k, or, with backward
-        simulation, G's own k-step roll-out from noise re-noised to t_k. Pure noise at t = N − 1."""
-        dev, sch = self.accelerator.device, self.bundle.schedule
+        simulation, G's own k-step roll-out from noise re-noised to t_k. Pure noise at the table's noisiest
+        level."""
+        dev, sch = self.accelerator.device, self.schedule
         noise = torch.randn(self._latent_shape(B), device=dev)
         ts = torch.tensor(self.timesteps, device=dev)
         if len(self.timesteps) == 1:
@@ -321,7 +353,7 @@ class DMD2(Method):
             t = ts[torch.randint(0, len(self.timesteps), (B,), device=dev)]
             clean = self.bundle.batch_latents(batch)
         z = sch.add_noise(clean, noise, t)
-        pure = t == self.N - 1
+        pure = t == self.t_noise
         z[pure] = noise[pure]
         return z, t
 
@@ -337,13 +369,13 @@ class DMD2(Method):
         return self._guided_x0(self.real_score, x_t, t, cond, self.mcfg.real_guidance_scale)
 
     def generator_loss(self, batch, cond, B):
-        m, sch, dev = self.mcfg, self.bundle.schedule, self.accelerator.device
+        m, sch, dev = self.mcfg, self.schedule, self.accelerator.device
         z, t_g = self.generator_input(batch, cond, B)
         x = self._generate_x0(self.generator, z, t_g, cond)
         logs = {}
         loss = x.new_zeros(())
         if m.dm_loss_weight > 0:
-            t = torch.randint(self.min_step, self.max_step + 1, (B,), device=dev)
+            t = sch.timestep(torch.randint(self.min_step, self.max_step + 1, (B,), device=dev))
             x_t = sch.add_noise(x.detach(), torch.randn_like(x), t)
             with torch.no_grad():
                 fake = self._guidance()
@@ -374,22 +406,22 @@ class DMD2(Method):
                               "rand_device columns (write them with `fewstep generate`)")
         shape = self._latent_shape(1)[1:]
         noise = batch_noise([int(s) for s in meta["seed"]], meta["rand_device"], shape, device=self.accelerator.device)
-        t = torch.full((noise.shape[0],), self.timesteps[0], device=noise.device, dtype=torch.long)
+        t = torch.tensor([self.timesteps[0]] * noise.shape[0], device=noise.device)
         x = self._generate_x0(self.generator, noise, t, cond)
         target = self.bundle.batch_latents(batch)
         return F.mse_loss(x.float(), target.float())
 
     def _logits(self, net, x, cond):
         """D(x): the head on the fake score's bottleneck, x re-noised first (diffusion GAN)."""
-        B = x.shape[0]
+        B, sch = x.shape[0], self.schedule
         if self.mcfg.diffusion_gan:
-            t = torch.randint(0, min(self.mcfg.diffusion_gan_max_timestep, self.N), (B,), device=x.device)
-            x = self.bundle.schedule.add_noise(x, torch.randn_like(x), t)
+            t = sch.timestep(torch.randint(0, min(self.mcfg.diffusion_gan_max_timestep, self.N), (B,), device=x.device))
+            x = sch.add_noise(x, torch.randn_like(x), t)
         else:
-            t = torch.zeros(B, dtype=torch.long, device=x.device)
+            t = sch.timestep(torch.full((B,), -1, device=x.device))  # the clean end (t = 0)
 
         with self._guidance().classifying():
-            return self.bundle.predict(net, x, t, cond)
+            return self.bundle.denoise(net, x, t, cond)
 
     @torch.no_grad()
     def generate(self, batch, cond, B):
@@ -399,9 +431,9 @@ class DMD2(Method):
 
     def guidance_loss(self, batch, cond, B, gan: bool = True):
         """The fake score's denoising loss on detached generator samples (+ the discriminator loss)."""
-        m, sch, dev = self.mcfg, self.bundle.schedule, self.accelerator.device
+        m, sch, dev = self.mcfg, self.schedule, self.accelerator.device
         x = self.generate(batch, cond, B)
-        t = torch.randint(0, self.N, (B,), device=dev)
+        t = sch.timestep(torch.randint(0, self.N, (B,), device=dev))
         eps = torch.randn_like(x)
         x_t = sch.add_noise(x, eps, t)
         out = self.fake_score(x_t, t, cond, self.guidance)
@@ -421,16 +453,24 @@ class DMD2(Method):
 
     # ---- sampling and export -------------------------------------------------------------
     def scheduler(self, num_inference_steps: int | None = None):
-        """LCMScheduler whose default grid for K steps is the generator's training timesteps."""
+        """The family's LCM scheduler (LCMScheduler / FlowMatchLCMScheduler: x̂₀, then re-noised), whose
+        default grid for K steps is the generator's training timesteps on DDPM tables."""
         k = max(self.mcfg.num_denoising_step, num_inference_steps or 1)
         return make_scheduler("lcm", self.bundle.scheduler_config, original_inference_steps=k)
 
-    def sampling_timesteps(self, num_inference_steps: int) -> list[int] | None:
-        """Explicit timesteps where the scheduler's own grid differs: a one-step generator conditioned on
-        t ≠ N − 1 (e.g. [399])."""
-        if num_inference_steps == 1 and self.timesteps[0] != self.N - 1:
-            return [self.timesteps[0]]
-        return None
+    def sampling_timesteps(self, num_inference_steps: int) -> list | None:
+        """Explicit timesteps where the scheduler's own grid differs from the training timesteps (a
+        one-step generator conditioned on t ≠ the noisiest, e.g. [399]; the flow LCM scheduler's
+        K-step grid)."""
+        if num_inference_steps != len(self.timesteps):
+            return None
+        sched = self.scheduler(num_inference_steps)
+        res = self.cfg.resolution
+        sched.set_timesteps(num_inference_steps, **self.bundle.timestep_kwargs(res, res))
+        own = sched.timesteps.tolist()
+        if all(abs(a - b) < 1e-3 for a, b in zip(own, self.timesteps)):
+            return None
+        return list(self.timesteps)
 
     def sample(self, prompts, seeds, num_inference_steps, guidance_scale):
         res = self.cfg.resolution
@@ -443,16 +483,20 @@ class DMD2(Method):
         K = self.mcfg.num_denoising_step
         export_pipeline(self.bundle, self._gen(), self.scheduler(), out_dir,
                         vae_override=self.cfg.pretrained_vae_model_name_or_path)
-        facts = {"scheduler": "LCMScheduler", "num_inference_steps": K, "guidance_scale": 0.0,
-                 "guidance_note": f"Trained at timesteps {self.timesteps}; guidance is distilled in, sample "
-                                  "with guidance_scale 0 (no CFG batch)."}
+        name = type(self.scheduler()).__name__
+        facts = {"scheduler": name, "num_inference_steps": K, "guidance_scale": 0.0,
+                 "guidance_note": f"Trained at timesteps {_rounded(self.timesteps)}; guidance is distilled in, "
+                                  "sample with guidance_scale 0 (no CFG batch)."}
         ts = self.sampling_timesteps(K)
         if ts:
+            res = self.cfg.resolution
             facts["timesteps"] = ts
-            facts["guidance_note"] += f" Pass timesteps={ts} to the pipeline (LCMScheduler's own grid starts at {self.N - 1})."
+            facts["pipeline_kwargs"] = {k: v for k, v in self.bundle.timestep_kwargs(res, res, ts).items() if k != "mu"}
+            arg = ", ".join(f"{k}={_rounded(v)}" for k, v in facts["pipeline_kwargs"].items())
+            facts["guidance_note"] += f" Pass {arg} to the pipeline ({name}'s own grid differs)."
         if self.lora:
             # The trained fake score is a by-product users rarely need; keep it small and loadable.
-            save_lora(self.bundle.unet, Path(out_dir) / "fake_score_lora", self.bundle.pipeline_cls, self.bundle.root)
+            save_lora(self.bundle.denoiser, Path(out_dir) / "fake_score_lora", self.bundle, self.bundle.root)
         (Path(out_dir) / "fewstep_dmd2.json").write_text(json.dumps({"timesteps": self.timesteps}) + "\n")
         return facts
 

@@ -2,9 +2,14 @@
 
 Not a distillation method, but it runs through the same trainer, checkpoints and logging: phase
 "vae" first trains the AutoencoderKL (reconstruction + KL), phase "unet" then trains the denoiser on
-the frozen VAE's latents with the standard DDPM objective and caption dropout for classifier-free
-guidance. The CLIP text encoder keeps its random initialisation and stays frozen: a fixed, distinct
-embedding per prompt is all the cross-attention needs at this scale.
+the frozen VAE's latents with its schedule's standard objective (DDPM: ε or v; flow matching: the
+velocity ε − x₀, levels drawn uniformly from the shifted table) and caption dropout for classifier-free
+guidance. The architecture comes from a preset of a model family (``--teacher_preset``: a UNet on the
+DDPM table, or an SD3-architecture transformer on the flow path); ``--teacher_vae`` reuses another
+teacher's trained VAE and skips the VAE phase. The CLIP text encoder(s) keep their random
+initialisation and stay frozen: a fixed, distinct embedding per prompt is all the cross-attention needs
+at this scale. (The phase is named "unet" for every architecture: it is how checkpoints and logs have
+always called the denoiser's group.)
 """
 
 from __future__ import annotations
@@ -17,79 +22,47 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..diffusion.sampling import make_scheduler, sample_images
-from ..models.bundle import SDBundle, frozen_copy, weight_dtype_of
+from ..models.bundle import arch_presets, frozen_copy, new_bundle, weight_dtype_of
 from ..training.ema import ema_update
 from .base import Group, Method, StepOutput, register
-
-# Architecture presets: (image size, VAE channels, UNet channels, text width, tokenizer words).
-PRESETS = {
-    # MNIST: 32 px → 8×8×4 latents; about 6 M parameters in all (≈ 12 MB in fp16).
-    "mnist": dict(image_size=32, vae_channels=(32, 64, 64), unet_channels=(64, 128, 128), text_dim=64,
-                  attention_head_dim=8, max_length=16),
-    # Tests: the smallest model that still has every part.
-    "tiny": dict(image_size=32, vae_channels=(32, 32, 64), unet_channels=(32, 64, 64), text_dim=32,
-                 attention_head_dim=8, max_length=16),
-}
 
 
 @dataclass
 class TeacherConfig:
-    teacher_preset: str = "mnist"  # architecture preset: mnist or tiny
-    prediction_type: str = "epsilon"  # epsilon or v_prediction
-    vae_train_steps: int = 2000  # optimizer steps of the VAE phase (then the UNet phase)
+    teacher_preset: str = "mnist"  # architecture preset: see `fewstep distill --help` (mnist, tiny, mnist-flow, ...)
+    prediction_type: str | None = None  # epsilon or v_prediction for DDPM presets (default epsilon); flow presets: flow
+    teacher_vae: str | None = None  # reuse this teacher folder's (or VAE folder's) trained VAE; no VAE phase
+    vae_train_steps: int | None = None  # optimizer steps of the VAE phase, then the denoiser's (default 2000; 0 with --teacher_vae)
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6  # weight of KL(q(z|x) ‖ N(0, I)); small, as in SD's VAE
-    teacher_ema_decay: float = 0.999  # EMA of the UNet weights; the EMA is what gets exported (0: off)
+    teacher_ema_decay: float = 0.999  # EMA of the denoiser's weights; the EMA is what gets exported (0: off)
     caption_dropout: float = 0.1  # probability of training on the empty prompt (enables CFG)
     teacher_guidance_scale: float = 4.0  # CFG scale recommended in the model card / `fewstep sample`
-    teacher_inference_steps: int = 50  # DDIM steps recommended in the model card / `fewstep sample`
+    teacher_inference_steps: int = 50  # steps recommended in the model card / `fewstep sample`
+
+    @property
+    def vae_steps(self) -> int:
+        if self.vae_train_steps is not None:
+            return self.vae_train_steps
+        return 0 if self.teacher_vae else 2000
 
     def validate(self):
-        if self.teacher_preset not in PRESETS:
-            raise ConfigError(f"--teacher_preset must be one of {', '.join(PRESETS)}")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError("--prediction_type must be epsilon or v_prediction")
-        if self.vae_train_steps < 0:
+        presets = arch_presets()
+        if self.teacher_preset not in presets:
+            raise ConfigError(f"--teacher_preset must be one of {', '.join(presets)}")
+        if self.prediction_type not in (None, "epsilon", "v_prediction", "flow"):
+            raise ConfigError("--prediction_type must be epsilon, v_prediction or flow")
+        if self.vae_train_steps is not None and self.vae_train_steps < 0:
             raise ConfigError("--vae_train_steps must be >= 0")
+        if self.teacher_vae and self.vae_steps:
+            raise ConfigError("--teacher_vae reuses a trained VAE, so there is no VAE phase: drop --vae_train_steps "
+                              "(or set it to 0)")
+        if self.teacher_vae and not Path(self.teacher_vae).is_dir():
+            raise ConfigError(f"--teacher_vae {self.teacher_vae}: no such folder (a diffusers pipeline or VAE folder)")
         if not 0 <= self.teacher_ema_decay < 1:
             raise ConfigError("--teacher_ema_decay must be in [0, 1)")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError("--caption_dropout must be in [0, 1)")
-
-
-def build_new_bundle(mcfg: TeacherConfig, tokenizer_dir: Path, seed: int) -> SDBundle:
-    """A fresh SD-layout model (random weights) from a preset."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from ..testing import DEFAULT_WORDS, write_clip_tokenizer
-
-    p = PRESETS[mcfg.teacher_preset]
-    write_clip_tokenizer(tokenizer_dir, DEFAULT_WORDS, p["max_length"])
-    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(seed)
-    te = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=p["text_dim"], intermediate_size=4 * p["text_dim"], num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=p["max_length"], projection_dim=p["text_dim"],
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    n = len(p["vae_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
-                        up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=list(p["vae_channels"]),
-                        latent_channels=4, layers_per_block=1, norm_num_groups=16, sample_size=p["image_size"],
-                        scaling_factor=1.0)
-    uc = p["unet_channels"]
-    unet = UNet2DConditionModel(
-        sample_size=p["image_size"] // 2 ** (n - 1), in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=tuple(uc),
-        down_block_types=("CrossAttnDownBlock2D",) * (len(uc) - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(uc) - 1),
-        cross_attention_dim=p["text_dim"], attention_head_dim=p["attention_head_dim"], norm_num_groups=16)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                          beta_schedule="scaled_linear", prediction_type=mcfg.prediction_type, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    for m in (te,):
-        m.requires_grad_(False).eval()
-    return SDBundle(str(tokenizer_dir), tok, te, vae, unet, dict(sched.config))
 
 
 class VAEObjective(torch.nn.Module):
@@ -120,26 +93,37 @@ class Teacher(Method):
 
     @classmethod
     def make_bundle(cls, cfg, mcfg):
-        return build_new_bundle(mcfg, Path(cfg.output_dir) / "tokenizer", cfg.seed)
+        return new_bundle(mcfg.teacher_preset, Path(cfg.output_dir) / "tokenizer", cfg.seed, mcfg.prediction_type,
+                          vae_from=mcfg.teacher_vae)
 
     def __init__(self, cfg, mcfg: TeacherConfig, bundle, accelerator):
         super().__init__(cfg, mcfg, bundle, accelerator)
-        bundle.text_encoder.to(accelerator.device, weight_dtype_of(cfg.mixed_precision))
+        for name in bundle.text_parts:
+            if bundle.parts.get(name) is not None:
+                bundle.parts[name].to(accelerator.device, weight_dtype_of(cfg.mixed_precision))
         bundle.schedule.to(accelerator.device)
-        self.vae, self.unet = VAEObjective(bundle.vae.train()), bundle.unet.train()
+        self.vae, self.unet = VAEObjective(bundle.vae.train()), bundle.denoiser.train()
+        if mcfg.teacher_vae:  # a trained VAE: frozen, with the scaling its own teacher uses
+            bundle.vae.eval().requires_grad_(False).to(accelerator.device)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.scale = LatentScale().to(accelerator.device)
+        if mcfg.teacher_vae:
+            self.scale.value.fill_(bundle.scaling_factor)
         self.ema = frozen_copy(self.unet).to(accelerator.device) if mcfg.teacher_ema_decay > 0 else None
 
     def groups(self):
-        return {"vae": Group(self.vae, lr=self.mcfg.vae_learning_rate), "unet": Group(self.unet)}
+        groups = {"unet": Group(self.unet)}
+        if not self.mcfg.teacher_vae:
+            groups = {"vae": Group(self.vae, lr=self.mcfg.vae_learning_rate), **groups}
+        return groups
 
     def bind(self, prepared):
         super().bind(prepared)
         # The bundle must sample and encode with the trained (unwrapped) networks.
-        self.bundle.vae = self.accelerator.unwrap_model(self.vae).vae
-        self.bundle.unet = self.accelerator.unwrap_model(self.unet)
+        if "vae" in prepared:
+            self.bundle.vae = self.accelerator.unwrap_model(self.vae).vae
+        self.bundle.denoiser = self.accelerator.unwrap_model(self.unet)
 
     def stateful(self):
         return {"latent_scale": self.scale, **({"unet_ema": self.ema} if self.ema is not None else {})}
@@ -150,10 +134,10 @@ class Teacher(Method):
 
     def _denoiser(self):
         """The network to sample and export: the EMA when there is one."""
-        return self.ema if self.ema is not None else self.bundle.unet
+        return self.ema if self.ema is not None else self.bundle.denoiser
 
     def phase(self, step):
-        return "vae" if step < self.mcfg.vae_train_steps else "unet"
+        return "vae" if step < self.mcfg.vae_steps else "unet"
 
     def loss(self, phase, batch, step):
         x = batch["pixel_values"].to(self.accelerator.device)
@@ -171,11 +155,12 @@ class Teacher(Method):
         captions = list(batch["caption"])
         drop = torch.rand(len(captions)) < self.mcfg.caption_dropout
         cond = self.bundle.encode_text(["" if d else c for c, d in zip(captions, drop.tolist())])
-        t = torch.randint(0, sch.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        t = sch.timestep(torch.randint(0, sch.num_train_timesteps, (x0.shape[0],), device=x0.device))
         eps = torch.randn_like(x0)
         z_t = sch.add_noise(x0, eps, t)
-        out = self.bundle.predict(self.unet, z_t, t, cond)
-        loss = F.mse_loss(out, sch.target(x0, eps, t))  # DDPM simple loss (Ho et al. 2020, eq. 14)
+        out = self.bundle.denoise(self.unet, z_t, t, cond)
+        # DDPM simple loss (Ho et al. 2020, eq. 14); flow matching (Lipman et al. 2023) with target ε − x₀
+        loss = F.mse_loss(out, sch.target(x0, eps, t))
         return StepOutput(loss, {"loss": loss.detach()})
 
     @torch.no_grad()
@@ -200,15 +185,12 @@ class Teacher(Method):
                                  guidance_scale, self.cfg.resolution, self.cfg.resolution)
 
     def export(self, out_dir: Path):
-        from diffusers import DDIMScheduler
-
-        from ..testing import save_sd_pipeline
+        import diffusers
 
         self.bundle.vae.register_to_config(scaling_factor=float(self.scale.value))
         b = self.bundle
-        parts = dict(tokenizer=b.tokenizer, text_encoder=b.text_encoder, vae=b.vae, unet=self._denoiser(),
-                     scheduler=DDIMScheduler.from_config(b.scheduler_config))
-        save_sd_pipeline(out_dir, parts)
-        return {"scheduler": "DDIMScheduler", "num_inference_steps": self.mcfg.teacher_inference_steps,
+        name = b.scheduler_config["_class_name"]  # the teacher's own sampler (DDIM / flow Euler)
+        b.pipeline(self._denoiser(), getattr(diffusers, name).from_config(b.scheduler_config)).save_pretrained(out_dir)
+        return {"scheduler": name, "num_inference_steps": self.mcfg.teacher_inference_steps,
                 "guidance_scale": self.mcfg.teacher_guidance_scale,
                 "guidance_note": "A teacher: sample it with many steps and classifier-free guidance."}

@@ -1,4 +1,4 @@
-"""The SDXL family: two CLIP text encoders, pooled text embeddings and micro-conditioning time ids.
+"""The SDXL family: two text encoders, pooled text embeddings and micro-conditioning time ids.
 
 Conditioning as StableDiffusionXLPipeline builds it: penultimate hidden states of CLIPTextModel and
 CLIPTextModelWithProjection concatenated, the second encoder's projected pooled output as
@@ -8,77 +8,94 @@ before width), and zeros as the unconditional input.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from ..config import ConfigError
-from .bundle import Cond, SDBundle, check_teacher_path
+from .base import Cond, check_teacher_path
+from .sd import SDBundle
+
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 class SDXLBundle(SDBundle):
     family = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    text_parts = ("text_encoder", "text_encoder_2")
+    micro_conditioning = True
 
-    def __init__(self, root, tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler_config,
-                 vae_encode_batch_size=32, vae_is_fp16_safe=False, use_fix_crop_and_size=False):
-        super().__init__(root, tokenizer, text_encoder, vae, unet, scheduler_config, vae_encode_batch_size)
-        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+    def __init__(self, root, parts, scheduler_config, vae_encode_batch_size=32, vae_is_fp16_safe=False,
+                 use_fix_crop_and_size=False):
+        super().__init__(root, parts, scheduler_config, vae_encode_batch_size)
         self.vae_is_fp16_safe = vae_is_fp16_safe
         self.use_fix_crop_and_size = use_fix_crop_and_size
 
+    @staticmethod
+    def matches(index: dict) -> bool:
+        return "unet" in index and "text_encoder_2" in index
+
     @classmethod
-    def load(cls, path, revision=None, vae_path=None, weights=True, vae_encode_batch_size=32,
-             use_fix_crop_and_size=False, text_encoders=True):
+    def load(cls, path, revision=None, vae_path=None, weights=True, vae_encode_batch_size=32, text_encoders=True,
+             use_fix_crop_and_size=False, **family_options):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         root = check_teacher_path(path, revision)
+        index = json.loads((Path(root) / "model_index.json").read_text())
+        for part in PARTS:
+            if part not in index:
+                raise ConfigError(f"{root}/model_index.json has no {part!r}: not a Stable Diffusion XL pipeline")
         sched_cfg = DDPMScheduler.load_config(root, subfolder="scheduler")
-        tok = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-        tok2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
+        parts = {"tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+                 "tokenizer_2": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")}
         vae_root, vae_sub = (vae_path, None) if vae_path else (root, "vae")
         f32 = torch.float32
         if weights:
-            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=f32)
-            vae = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, torch_dtype=f32)
-            te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=f32) if text_encoders else None
-            te2 = (CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=f32)
-                   if text_encoders else None)
+            parts["unet"] = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=f32)
+            parts["vae"] = AutoencoderKL.from_pretrained(vae_root, subfolder=vae_sub, torch_dtype=f32)
+            parts["text_encoder"] = (CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=f32)
+                                     if text_encoders else None)
+            parts["text_encoder_2"] = (CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2",
+                                                                                   dtype=f32)
+                                       if text_encoders else None)
         else:
-            unet = UNet2DConditionModel.load_config(root, subfolder="unet")
-            vae = AutoencoderKL.load_config(vae_root, subfolder=vae_sub)
-            te = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder")
-            te2 = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder_2")
+            parts["unet"] = UNet2DConditionModel.load_config(root, subfolder="unet")
+            parts["vae"] = AutoencoderKL.load_config(vae_root, subfolder=vae_sub)
+            parts["text_encoder"] = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder").to_dict()
+            parts["text_encoder_2"] = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder_2").to_dict()
         # The stock SDXL VAE overflows in fp16 (black images); a separately given VAE is taken to be
         # an fp16-safe one (e.g. madebyollin/sdxl-vae-fp16-fix).
-        b = cls(root, tok, tok2, te, te2, vae, unet, sched_cfg, vae_encode_batch_size,
-                vae_is_fp16_safe=vae_path is not None, use_fix_crop_and_size=use_fix_crop_and_size)
+        b = cls(root, parts, sched_cfg, vae_encode_batch_size, vae_is_fp16_safe=vae_path is not None,
+                use_fix_crop_and_size=use_fix_crop_and_size)
         if weights:
-            for m in (b.unet, b.vae, b.text_encoder, b.text_encoder_2):
-                if m is not None:
-                    m.requires_grad_(False).eval()
+            b.freeze()
         return b
 
-    def to(self, device, dtype=None, unet_dtype=None):
-        vae_dtype = torch.float32 if (dtype == torch.float16 and not self.vae_is_fp16_safe) else dtype
-        super().to(device, dtype=dtype, unet_dtype=unet_dtype)
-        if vae_dtype is not None and self.vae.dtype != vae_dtype:
-            self.vae.to(dtype=vae_dtype)
-        if self.text_encoder_2 is not None:
-            self.text_encoder_2.to(device)
-            if dtype is not None and self.text_encoder_2.dtype != dtype:
-                self.text_encoder_2.to(dtype=dtype)
-        return self
+    @property
+    def tokenizer_2(self):
+        return self.parts["tokenizer_2"]
+
+    @property
+    def text_encoder_2(self):
+        return self.parts["text_encoder_2"]
+
+    def part_dtype(self, name, dtype):
+        if name == "vae" and dtype == torch.float16 and not self.vae_is_fp16_safe:
+            return torch.float32
+        return dtype
 
     def load_text_encoders(self) -> None:
         from transformers import CLIPTextModelWithProjection
 
         super().load_text_encoders()
-        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(self.root, subfolder="text_encoder_2",
-                                                                          dtype=torch.float32)
-        self.text_encoder_2.requires_grad_(False).eval().to(self.device, self._text_dtype)
+        te2 = CLIPTextModelWithProjection.from_pretrained(self.root, subfolder="text_encoder_2", dtype=torch.float32)
+        self.parts["text_encoder_2"] = te2.requires_grad_(False).eval().to(self.device, self._text_dtype)
 
     def _size(self, size):
         if size is None:
-            s = self.unet.config.sample_size * self.vae_scale
+            s = self.default_resolution
             return (s, s)
         return size
 
@@ -118,21 +135,9 @@ class SDXLBundle(SDBundle):
                             "text_embeds": torch.zeros_like(c["text_embeds"]), "time_ids": c["time_ids"]}
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items() if k != "size"}
 
-    def pipeline(self, unet, scheduler):
+    def pipeline(self, denoiser, scheduler):
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
-                                         tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=unet,
+                                         tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=denoiser,
                                          scheduler=scheduler)
-
-    @property
-    def pipeline_cls(self):
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline
-
-
-def check_sdxl(index: dict, root: str) -> None:
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
-        if part not in index:
-            raise ConfigError(f"{root}/model_index.json has no {part!r}: not a Stable Diffusion XL pipeline")

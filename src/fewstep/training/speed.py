@@ -16,10 +16,12 @@ log = logging.getLogger("fewstep")
 
 
 def held_networks(*owners) -> list[torch.nn.Module]:
-    """Every top-level nn.Module an owner (the method, the bundle) holds as an attribute, once each."""
+    """Every top-level nn.Module an owner (the method, the bundle and its parts) holds, once each."""
     seen: dict[int, torch.nn.Module] = {}
     for owner in owners:
-        for value in getattr(owner, "__dict__", {}).values():  # (a method may run without a bundle)
+        values = list(getattr(owner, "__dict__", {}).values())  # (a method may run without a bundle)
+        values += list(getattr(owner, "parts", {}).values())
+        for value in values:
             if isinstance(value, torch.nn.Module):
                 seen.setdefault(id(value), value)
     return list(seen.values())
@@ -56,13 +58,13 @@ def speed_setup(cfg, method, bundle, device: torch.device) -> None:
         for net in nets:
             net.to(memory_format=torch.channels_last)
     if cfg.torch_compile:
-        if bundle is None or getattr(bundle, "unet", None) is None:
+        if bundle is None or getattr(bundle, "denoiser", None) is None:
             raise ConfigError("--torch_compile compiles the teacher's denoiser class; this method has no teacher")
         check_compile(cfg, device.type)
         # aot_eager traces the same graphs (dynamo, then autograd ahead of time) and runs them with
         # eager kernels: no speed, but graph breaks and recompilations show exactly as under inductor,
         # on any device, which is how the tests check the compiled step.
-        nets_to_compile = denoisers(nets, type(bundle.unet))
+        nets_to_compile = denoisers(nets, type(bundle.denoiser))
         kw = {"mode": cfg.torch_compile_mode} if cfg.torch_compile_backend == "inductor" else {}
         for net in nets_to_compile:
             net.compile(backend=cfg.torch_compile_backend, **kw)

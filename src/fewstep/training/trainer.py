@@ -20,7 +20,6 @@ import torch
 from ..config import ConfigError, RunSpec
 from ..data import build_dataset, collate
 from ..export import write_model_card
-from ..methods import REGISTRY
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
 from .checkpoint import (
     ResumeMismatch,
@@ -160,6 +159,8 @@ def build_accelerator(cfg, out: Path):
 
 
 class Trainer:
+    """Runs ``spec.method_cls`` (the method class config resolution bound the run to) over the data."""
+
     def __init__(self, spec: RunSpec, bundle=None):
         from accelerate.utils import set_seed
 
@@ -178,17 +179,18 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        method_cls = REGISTRY[cfg.method]
+        method_cls = spec.method_cls
         check_compile(cfg, acc.device.type)  # before any weight loads
+        if bundle is None:
+            method_cls.preflight(cfg, spec.method)  # settings × the teacher's configs, before its weights load
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
-        method_cls.check_setup(cfg, spec.method, getattr(self.bundle, "family", None))  # (a method may hold no bundle)
         if cfg.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401
             except ImportError:
                 raise SystemExit("--enable_xformers_memory_efficient_attention needs xformers "
                                  "(pip install xformers); without it PyTorch SDPA is used") from None
-            self.bundle.unet.enable_xformers_memory_efficient_attention()
+            self.bundle.denoiser.enable_xformers_memory_efficient_attention()
 
         # The method moves and casts what it holds frozen; trainables stay fp32 (autocast does the rest).
         self.method = method_cls(cfg, spec.method, self.bundle, acc)

@@ -1,0 +1,453 @@
+"""The model interface: what every family module gives the methods, the samplers and the commands.
+
+A method never asks which model it distils. It asks the bundle for capabilities and for predictions:
+
+- **schedule** (:mod:`fewstep.diffusion.schedule`): α(t), σ(t), the training levels, the prediction
+  type; :meth:`ModelBundle.predict` returns x̂₀ and ε̂ whatever the network's parameterisation;
+- **conditioning**: :meth:`embed_text` (what a cache stores), :meth:`cond_from_text` (plus the
+  family's micro-conditioning), :meth:`uncond` (CFG's unconditional input), :meth:`encode_batch`;
+- **latents**: :meth:`encode_images` / :meth:`decode` with the family's VAE shift and scale,
+  :meth:`latent_shape`, :attr:`default_resolution`;
+- **the denoiser**: :attr:`denoiser` (the teacher network), :meth:`denoise` (raw output),
+  :meth:`new_denoiser` (a trainable copy, with a guidance embedding where :attr:`guidance_embedding`
+  says the architecture takes one), :meth:`feature_tap` (features for a discriminator head);
+- **sampling**: :meth:`timestep_kwargs` (explicit timesteps and resolution-dependent shifts in the form
+  the family's scheduler and pipeline take), :meth:`schedule_for` (the training schedule at a size);
+- **outputs**: :attr:`denoiser_name`, :meth:`pipeline`, :attr:`lora_targets`, :meth:`lora_save_kwargs`,
+  :meth:`kohya_lora`.
+
+A family is one module in this package that subclasses :class:`ModelBundle`, implements the abstract
+parts and registers itself in :data:`fewstep.models.bundle.FAMILIES` (docs/ADDING.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import ConfigError
+from ..diffusion.schedule import Prediction, Schedule, schedule_from_config
+
+Cond = dict[str, torch.Tensor]
+
+
+def cat_cond(*conds: Cond) -> Cond:
+    """Stack several conditions along the batch (e.g. uncond ‖ cond for one CFG forward)."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def check_teacher_path(path: str, revision: str | None = None) -> str:
+    """Make sure ``path`` is a diffusers model folder (or a hub id); return the folder to read."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(
+                f"--pretrained_teacher_model {path} is a file, not a diffusers folder. Single-file "
+                "checkpoints (.safetensors/.ckpt) must be converted first: "
+                "DiffusionPipeline.from_single_file(path).save_pretrained(folder)"
+            )
+        has_denoiser = (p / "unet" / "config.json").is_file() or (p / "transformer" / "config.json").is_file()
+        if not has_denoiser or not (p / "model_index.json").is_file():
+            raise ConfigError(
+                f"--pretrained_teacher_model {path} is not a diffusers model folder: expected "
+                "model_index.json and unet/config.json (or transformer/config.json) inside it. Point at the folder "
+                "written by pipeline.save_pretrained(...), or convert a single-file checkpoint with from_single_file"
+            )
+        return str(p)
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.txt", "*.safetensors",
+                                                                              "*.model"])
+        except Exception as e:  # offline, private, or missing repo
+            raise ConfigError(
+                f"--pretrained_teacher_model {path}: no such folder, and the hub could not provide it "
+                f"({type(e).__name__}: {e}). Download it first or pass a local diffusers folder."
+            ) from None
+    raise ConfigError(f"--pretrained_teacher_model {path}: no such folder")
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen networks are held in under --mixed_precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def frozen_copy(module):
+    """A detached, frozen deep copy (EMA targets)."""
+    m = copy.deepcopy(module)
+    m.requires_grad_(False)
+    return m
+
+
+def free_disk_bytes(path: str) -> int:
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
+
+def net_config(net) -> dict:
+    """The diffusers config of a denoiser, through accelerate's DDP wrapper (``.module``); {} for modules
+    that have none (a fake-score wrapper)."""
+    for m in (net, getattr(net, "module", None)):
+        cfg = getattr(m, "config", None)
+        if cfg is not None:
+            return cfg
+    return {}
+
+
+@dataclass
+class Tap:
+    """Where a discriminator head reads a denoiser's features: ``attach(callback)`` hooks the network so
+    that every forward calls ``callback(feature_map)`` with a (B, channels, h, w) tensor, and returns the
+    hook handles."""
+
+    channels: int
+    attach: Callable[[Callable[[torch.Tensor], None]], list]
+
+
+class ModelBundle:
+    """One diffusers teacher: its parts (modules, or their configs when loaded with ``weights=False``),
+    its noise schedule, and everything methods need from the family. Subclasses implement the
+    methods that raise NotImplementedError and set the class attributes below."""
+
+    family: ClassVar[str] = ""  # a label for logs, caches and model cards; nothing outside models/ branches on it
+    pipeline_class: ClassVar[str] = ""  # the diffusers pipeline class of the folder
+    denoiser_name: ClassVar[str] = ""  # the pipeline folder and argument of the denoiser ("unet", "transformer")
+    text_parts: ClassVar[tuple[str, ...]] = ()  # text-encoder parts, dropped when training from a cache
+    lora_targets: ClassVar[list[str]] = []  # default LoRA target modules of the denoiser
+    # "new": the student can get a fresh guidance-scale embedding (LCM's w embedding); "native": the
+    # architecture already takes a guidance scale (guidance-distilled teachers); None: neither.
+    guidance_embedding: ClassVar[str | None] = None
+    micro_conditioning: ClassVar[bool] = False  # image size / crop conditioning (--use_fix_crop_and_size applies)
+
+    def __init__(self, root: str, parts: dict[str, Any], scheduler_config: dict, vae_encode_batch_size: int = 32):
+        self.root = root
+        self.parts = parts
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule: Schedule = self._base_schedule()
+        self.vae_encode_batch_size = vae_encode_batch_size
+        self._uncond: Cond | None = None
+        self.text_cache: dict[str, Cond] | None = None  # prompt → text-encoder outputs, training from a cache
+        self._text_dtype = None
+
+    # ---- family hooks ------------------------------------------------------------------------
+    @staticmethod
+    def matches(index: dict) -> bool:
+        """Whether a folder's model_index.json is this family's pipeline (the factory's test)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: str, revision: str | None = None, vae_path: str | None = None, weights: bool = True,
+             vae_encode_batch_size: int = 32, text_encoders: bool = True, **family_options) -> ModelBundle:
+        """The teacher folder; ``weights=False`` reads configs only (--dry_run), ``text_encoders=False``
+        skips the text encoders (training from a cache)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_text(self, prompts: list[str]) -> Cond:
+        """The text encoders' outputs for ``prompts``, tokenised exactly as the family's pipeline does."""
+        raise NotImplementedError
+
+    def load_text_encoders(self) -> None:
+        """Load the text encoders after all (a prompt a cache lacks)."""
+        raise NotImplementedError
+
+    def denoise(self, net, z: torch.Tensor, t: torch.Tensor, cond: Cond, w: torch.Tensor | None = None):
+        """The raw output of denoiser ``net`` (the teacher or a copy of it) at (z, t, cond); ``w``: the
+        guidance weight (CFG scale − 1) for denoisers that embed it."""
+        raise NotImplementedError
+
+    def new_denoiser(self, guidance_dim: int | None = None):
+        """A trainable fp32 copy of the teacher's denoiser; ``guidance_dim``: with a fresh guidance-scale
+        embedding of that size (families with ``guidance_embedding == "new"``)."""
+        raise NotImplementedError
+
+    def feature_tap(self, net) -> Tap:
+        """Where a discriminator reads ``net``'s features (its bottleneck / a middle block)."""
+        raise NotImplementedError
+
+    # ---- parts --------------------------------------------------------------------------------
+    @property
+    def denoiser(self):
+        return self.parts[self.denoiser_name]
+
+    @denoiser.setter
+    def denoiser(self, net) -> None:
+        self.parts[self.denoiser_name] = net
+
+    @property
+    def vae(self):
+        return self.parts["vae"]
+
+    @vae.setter
+    def vae(self, vae) -> None:
+        self.parts["vae"] = vae
+
+    def part_config(self, name: str) -> dict:
+        """A part's config, whether the part is loaded (a module) or only configured (a dict)."""
+        part = self.parts.get(name)
+        return part if isinstance(part, dict) else getattr(part, "config", {})
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {k: m for k, m in self.parts.items() if isinstance(m, torch.nn.Module)}
+
+    def freeze(self) -> None:
+        for m in self.modules().values():
+            m.requires_grad_(False).eval()
+
+    def part_dtype(self, name: str, dtype: torch.dtype | None) -> torch.dtype | None:
+        """The dtype a frozen part is held in under the run's ``dtype`` (a family may keep one in fp32)."""
+        return dtype
+
+    def to(self, device, dtype=None, denoiser_dtype=None) -> ModelBundle:
+        """Move the frozen parts; the VAE and text encoders go to ``dtype``, the denoiser to ``denoiser_dtype``."""
+        for name, m in self.modules().items():
+            dt = denoiser_dtype if name == self.denoiser_name else self.part_dtype(name, dtype)
+            m.to(device)
+            if dt is not None and dt != m.dtype:
+                m.to(dtype=dt)
+        self.schedule.to(device)
+        self._uncond = None
+        self._text_dtype = dtype
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    # ---- latents ------------------------------------------------------------------------------
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.part_config("vae")["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.part_config(self.denoiser_name)["in_channels"]
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.part_config("vae")["scaling_factor"]
+
+    @property
+    def shift_factor(self) -> float:
+        return self.part_config("vae").get("shift_factor") or 0.0
+
+    @property
+    def default_resolution(self) -> int:
+        """The pixel size the teacher was configured for (its denoiser's latent sample size × VAE factor)."""
+        return self.part_config(self.denoiser_name)["sample_size"] * self.vae_scale
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one sample's latents for an image of ``height`` × ``width`` pixels."""
+        return (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+
+    def _scale(self, latents: torch.Tensor) -> torch.Tensor:
+        # (latent − shift) · scale: SD3/FLUX subtract a shift, SD's is 0; ``- 0.0`` is exact.
+        shift = self.shift_factor
+        return (latents - shift) * self.scaling_factor if shift else latents * self.scaling_factor
+
+    @torch.no_grad()
+    def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's moments (mean ‖ logvar) of ``pixels`` in [-1, 1] (what a cache stores)."""
+        px = pixels.to(self.vae.device, self.vae.dtype)
+        return torch.cat([self.vae.encode(c).latent_dist.parameters for c in px.split(self.vae_encode_batch_size)])
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Scaled VAE latents, sampled from the posterior (``sample=False``: its mean, a deterministic
+        regression target), in chunks of vae_encode_batch_size."""
+        pixels = pixels.to(self.vae.device, self.vae.dtype, non_blocking=True)  # async from pinned memory
+        parts = [self.vae.encode(chunk).latent_dist.sample() if sample else self.vae.encode(chunk).latent_dist.mode()
+                 for chunk in pixels.split(self.vae_encode_batch_size)]
+        # Contiguous: the VAE may return channels-last tensors, and torch.randn_like(x0) draws different
+        # numbers for a different memory layout, which would make runs depend on the conv backend.
+        return self._scale(torch.cat(parts).float().contiguous())
+
+    def latents_from_moments(self, moments: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Scaled latents from cached posterior moments, as :meth:`encode_images` makes them (a sample,
+        or with ``sample=False`` the posterior mean)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(moments.to(self.device, non_blocking=True).float())
+        return self._scale((dist.sample() if sample else dist.mode()).contiguous())
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1]."""
+        z = latents.to(self.vae.dtype) / self.scaling_factor
+        if self.shift_factor:
+            z = z + self.shift_factor
+        x = self.vae.decode(z).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    # ---- conditioning -------------------------------------------------------------------------
+    def cond_from_text(self, text: Cond, size=None, original_size=None, crop_top_left=None) -> Cond:
+        """The denoiser's condition from text-encoder outputs (by default the outputs themselves)."""
+        return text
+
+    def encode_text(self, prompts: list[str], size=None, original_size=None, crop_top_left=None) -> Cond:
+        """The denoiser's condition for ``prompts`` at image ``size`` (h, w)."""
+        return self.cond_from_text(self.embed_text(prompts), size, original_size, crop_top_left)
+
+    def uncond(self, batch_size: int, size=None) -> Cond:
+        """The unconditional input of classifier-free guidance: the empty prompt, encoded as the family's
+        pipeline encodes its default negative prompt."""
+        if self._uncond is None:
+            self._uncond = self.encode_text([""])
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items()}
+
+    def use_cache(self, text_cache: dict[str, Cond]) -> None:
+        """Train from cached latents and text embeddings: drop the VAE encoder (only decoding is left,
+        for validation images) and serve prompts from ``text_cache``; text encoders are not needed."""
+        self.text_cache = text_cache
+        self.vae.encoder = None
+        self.vae.quant_conv = None
+
+    def _cached_text(self, prompts: list[str]) -> Cond:
+        missing = [p for p in prompts if p not in self.text_cache]
+        if missing:
+            # A prompt the cache lacks (a validation prompt added later): load the encoders once.
+            import logging
+
+            logging.getLogger("fewstep").warning(
+                "prompt %r is not in the cache: loading the text encoder(s) (re-run `fewstep cache` with "
+                "this --validation_prompts to avoid it)", missing[0])
+            self.load_text_encoders()
+            return self.embed_text(prompts)
+        return {k: torch.cat([self.text_cache[p][k] for p in prompts]).to(self.device)
+                for k in self.text_cache[prompts[0]]}
+
+    def text_loaded(self) -> bool:
+        return all(isinstance(self.parts.get(p), torch.nn.Module) for p in self.text_parts if p in self.parts)
+
+    def batch_text(self, batch: dict[str, Any], drop_prob: float = 0.0) -> Cond:
+        """Text-encoder outputs for a batch's captions, each dropped to "" with prob ``drop_prob``. A
+        batch from ``fewstep cache`` carries them already: no text encoder runs (or is loaded)."""
+        captions = list(batch["caption"])
+        drop = [False] * len(captions)
+        if drop_prob > 0:
+            drop = (torch.rand(len(captions)) < drop_prob).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        cached = {k[len("cached_text."):]: v for k, v in batch.items() if k.startswith("cached_text.")}
+        if not cached:
+            return self.embed_text(captions)
+        text = {k: v.to(self.device, non_blocking=True) for k, v in cached.items()}
+        if any(drop):
+            empty = self.embed_text([""])  # (the cache holds the empty prompt's embedding)
+            rows = torch.tensor(drop, device=self.device)
+            text = {k: torch.where(rows.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype), v)
+                    for k, v in text.items()}
+        return text
+
+    def batch_latents(self, batch: dict[str, Any], sample: bool = True) -> torch.Tensor:
+        """Scaled x₀ latents of a batch's images: VAE-encoded pixels, or the cache's posterior moments."""
+        if "cached_moments" in batch:
+            return self.latents_from_moments(batch["cached_moments"], sample)
+        return self.encode_images(batch["pixel_values"], sample)
+
+    def encode_batch(self, batch: dict[str, Any], drop_prob: float = 0.0) -> tuple[torch.Tensor, Cond]:
+        """(x₀ latents, condition) of a data batch; captions dropped to "" with prob ``drop_prob``, the
+        micro-conditioning (where the family has it) from each sample's original size and crop."""
+        text = self.batch_text(batch, drop_prob)
+        x0 = self.batch_latents(batch)
+        size = (x0.shape[-2] * self.vae_scale, x0.shape[-1] * self.vae_scale)  # pixels (h, w)
+        return x0, self.cond_from_text(text, size, batch.get("original_size"), batch.get("crop_top_left"))
+
+    # ---- predictions ----------------------------------------------------------------------------
+    def predict(self, net, z: torch.Tensor, t: torch.Tensor, cond: Cond, w: torch.Tensor | None = None,
+                schedule: Schedule | None = None) -> Prediction:
+        """x̂₀ and ε̂ of ``net`` at (z, t, cond), whatever its parameterisation (ε, v, x₀, flow velocity)."""
+        return (schedule or self.schedule).predict(self.denoise(net, z, t, cond, w), z, t)
+
+    def embeds_guidance(self, net) -> bool:
+        """Whether ``net`` takes the guidance scale as an input (so samplers run no CFG batch for it)."""
+        return False
+
+    @staticmethod
+    def _cast_dtype(net, z: torch.Tensor) -> torch.dtype:
+        """The dtype to feed ``net``: its weights' dtype, or the input's own under autocast (which casts
+        inside each layer)."""
+        if torch.is_autocast_enabled(z.device.type):
+            return z.dtype
+        return next(net.parameters()).dtype
+
+    @staticmethod
+    def _output(out: torch.Tensor) -> torch.Tensor:
+        # float64 is kept for gradient checks; contiguous: a channels-last network (--channels_last)
+        # returns channels-last tensors, and torch.randn_like on those would draw other noise.
+        return out if out.dtype == torch.float64 else out.float().contiguous()
+
+    # ---- schedules and sampling ------------------------------------------------------------------
+    def _base_schedule(self) -> Schedule:
+        cfg = self.scheduler_config
+        if cfg.get("use_dynamic_shifting"):
+            res = self.default_resolution
+            return schedule_from_config(cfg, mu=self.shift_mu(res, res))
+        return schedule_from_config(cfg)
+
+    def shift_mu(self, height: int, width: int) -> float | None:
+        """The resolution-dependent timestep shift of flow schedulers with ``use_dynamic_shifting`` (the
+        pipeline's ``mu``), or None where the scheduler has a static shift."""
+        return None
+
+    def schedule_for(self, height: int, width: int) -> Schedule:
+        """The schedule a method trains with at this image size (the timestep shift may depend on it)."""
+        mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
+        return schedule_from_config(self.scheduler_config, mu=mu).to(self.device) if mu is not None else self.schedule
+
+    def timestep_kwargs(self, height: int, width: int, timesteps: list | None = None) -> dict:
+        """``set_timesteps`` / pipeline-call arguments for sampling at this size: the resolution-dependent
+        ``mu`` where the scheduler shifts by resolution, and explicit timesteps in the form the scheduler
+        takes (DDPM tables: ``timesteps``; flow schedulers: ``sigmas``, which they shift themselves,
+        so the unshifted values are given)."""
+        kw: dict = {}
+        mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
+        if mu is not None:
+            kw["mu"] = mu
+        if timesteps is None:
+            return kw
+        if self.schedule.kind != "flow":
+            return {**kw, "timesteps": [int(t) for t in timesteps]}
+        shift = self.schedule_for(height, width).shift
+        sig = [float(t) / self.schedule.num_train_timesteps for t in timesteps]
+        return {**kw, "sigmas": [s / (shift - (shift - 1) * s) for s in sig]}  # the inverse of the shift map
+
+    # ---- LoRA -----------------------------------------------------------------------------------
+    def lora_save_kwargs(self, layers: dict[str, torch.Tensor], metadata: dict) -> dict:
+        """Arguments of the pipeline's ``save_lora_weights`` for the denoiser's LoRA layers."""
+        return {f"{self.denoiser_name}_lora_layers": layers, f"{self.denoiser_name}_lora_adapter_metadata": metadata}
+
+    def kohya_lora(self, peft_state_dict: dict[str, torch.Tensor], alpha: float) -> dict | None:
+        """The LoRA in kohya / ComfyUI key layout, or None where the family has none."""
+        return None
+
+    # ---- outputs --------------------------------------------------------------------------------
+    @property
+    def pipeline_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    def pipeline(self, denoiser, scheduler):
+        """The vanilla diffusers pipeline running ``denoiser`` with ``scheduler`` and this bundle's parts."""
+        import inspect
+
+        accepted = inspect.signature(self.pipeline_cls.__init__).parameters
+        parts = {k: v for k, v in self.parts.items() if k in accepted}
+        return self.pipeline_cls(**{**parts, self.denoiser_name: denoiser, "scheduler": scheduler})
+
+    def describe(self) -> str:
+        """One line for --dry_run: the family and the denoiser's shape."""
+        d = self.part_config(self.denoiser_name)
+        kind = "flow matching" if self.schedule.kind == "flow" else f"DDPM {self.schedule.prediction_type}"
+        return (f"{self.root} (family {self.family}, {self.pipeline_class}, {self.denoiser_name} "
+                f"in_channels={d.get('in_channels')}, {kind}, default resolution {self.default_resolution} px)")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from fewstep.cli import method_configs
 from fewstep.config import resolve
-from fewstep.models.bundle import SDBundle
+from fewstep.models.sd import SDBundle
 from fewstep.testing import sd15_components, tiny_sd_components
 from fewstep.training.trainer import Trainer
 
@@ -56,8 +56,8 @@ def main() -> int:
     for label, extra, ckpt in ROWS:
         parts = tiny_sd_components() if a.tiny else sd15_components(bpe_gz=a.bpe, device=device)
         sched_cfg = dict(parts.pop("scheduler").config)
-        bundle = SDBundle(str(tmp), parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], sched_cfg)
-        for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+        bundle = SDBundle(str(tmp), {k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "unet")}, sched_cfg)
+        for m in (bundle.denoiser, bundle.vae, bundle.text_encoder):
             m.requires_grad_(False).eval()
         cfg = {"method": "lcm", "pretrained_teacher_model": str(tmp), "train_data_dir": str(data),
                "output_dir": str(tmp / "out"), "resolution": res, "train_batch_size": batch,

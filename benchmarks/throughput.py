@@ -327,9 +327,9 @@ def write_cache_for(common: dict, shards: str, folder: Path) -> float:
     """`fewstep cache` on the shards (the real writer); returns its wall time in seconds."""
     from accelerate.state import AcceleratorState
 
+    from fewstep.caching import write_cache
     from fewstep.cli import method_configs
     from fewstep.config import resolve
-    from fewstep.data.cache import write_cache
 
     AcceleratorState._reset_state()
     cfg = {k: v for k, v in common.items() if k not in ("max_train_steps", "learning_rate", "lr_warmup_steps")}

@@ -141,7 +141,7 @@ def test_unrolled_gradient_matches_finite_differences():
     against a central difference along a random direction of all UNet weights."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from fewstep.methods.direct import unroll
+    from fewstep.diffusion.sampling import unroll
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
@@ -181,7 +181,8 @@ def test_trajectory_levels_follow_the_scheduler():
     velocity ε − x₀ too."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from fewstep.methods.direct import state_levels, unroll
+    from fewstep.diffusion.sampling import unroll
+    from fewstep.methods.direct import state_levels
 
     x0, eps = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 4, 8, 8, dtype=torch.float64)
     ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
@@ -202,9 +203,8 @@ def test_trajectory_levels_follow_the_scheduler():
 def test_generate_train_export_reload_in_vanilla_diffusers(tiny_teacher, teacher_data, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from fewstep.diffusion.sampling import sample_images
+    from fewstep.diffusion.sampling import sample_images, unroll
     from fewstep.eval.run import plan_runs
-    from fewstep.methods.direct import unroll
     from fewstep.models.bundle import load_bundle
 
     out = tmp_path / "run"
@@ -224,14 +224,14 @@ def test_generate_train_export_reload_in_vanilla_diffusers(tiny_teacher, teacher
                generator=torch.Generator().manual_seed(12)).images[0]
     bundle = load_bundle(str(out))
     sched = DDIMScheduler.from_pretrained(out / "scheduler")
-    ours = sample_images(bundle, bundle.unet, sched, [prompt], [12], 2, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
+    ours = sample_images(bundle, bundle.denoiser, sched, [prompt], [12], 2, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
     assert np.abs(ours - ref).max() < 1e-5 and ref.std() > 0
     # ... and the unroll training differentiates is that same sampler.
     from fewstep.diffusion.noise import initial_noise
 
     cond = bundle.encode_text([prompt])
     with torch.no_grad():
-        z = unroll(lambda z, t: bundle.predict(bundle.unet, z, t, cond), sched, initial_noise(12, "cpu", (4, 8, 8))[None],
+        z = unroll(lambda z, t: bundle.denoise(bundle.denoiser, z, t, cond), sched, initial_noise(12, "cpu", (4, 8, 8))[None],
                    2, checkpoint=False)[-1]
     assert np.abs(bundle.decode(z)[0].permute(1, 2, 0).numpy() - ref).max() < 1e-5
 
@@ -321,7 +321,7 @@ def test_lora_folder_card_snippet_runs(direct_lora, tiny_teacher, tmp_path):
                generator=torch.Generator().manual_seed(12)).images[0]
     bundle = load_bundle(str(direct_lora))
     sched = DDIMScheduler.from_config(bundle.scheduler_config)
-    ours = sample_images(bundle, bundle.unet, sched, [PROMPTS[1]], [12], 2, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
+    ours = sample_images(bundle, bundle.denoiser, sched, [PROMPTS[1]], [12], 2, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
     assert np.abs(ours - ref).max() < 2e-4
 
 

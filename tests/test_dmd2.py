@@ -112,7 +112,7 @@ def test_networks_start_from_the_teacher_and_lora_real_score_is_the_teacher(tiny
     tr.start()
     m = tr.method
     ref = UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet")
-    assert m._fake_unet() is tr.bundle.unet  # one UNet for real and fake score
+    assert m._fake_unet() is tr.bundle.denoiser  # one UNet for real and fake score
     gen_sd = tr.acc.unwrap_model(m.generator).state_dict()
     assert all(torch.equal(v, gen_sd[k]) for k, v in ref.state_dict().items())
     trainable = [n for n, p in m._fake_unet().named_parameters() if p.requires_grad]

@@ -32,7 +32,7 @@ VALUES = ["", " ", "nan", "NaN", "inf", "-inf", "1e400", "-1", "0", "1", "3.5", 
 
 
 def _keys():
-    keys = [f.name for c in [TrainConfig, *method_configs().values()] for f in dataclasses.fields(c)]
+    keys = [f.name for c in [TrainConfig, *(m.Config for m in method_configs().values())] for f in dataclasses.fields(c)]
     return keys + ["lerning_rate", "resolutionn", "x", "", "method-", "train-batch-size", "max_steps"]
 
 

@@ -63,7 +63,7 @@ def test_loss_equals_reference_built_from_diffusers(pred, tiny_teacher, tiny_tea
     lcm = LCMScheduler.from_config(b.scheduler_config, timestep_scaling=10.0)
     cond = b.encode_text(batch["caption"])["encoder_hidden_states"]
     unc = b.encode_text([""] * B)["encoder_hidden_states"]
-    from fewstep.diffusion.schedule import guidance_scale_embedding
+    from fewstep.diffusion.guidance import guidance_scale_embedding
 
     ref = 0.0
     with torch.no_grad():
@@ -77,8 +77,8 @@ def test_loss_equals_reference_built_from_diffusers(pred, tiny_teacher, tiny_tea
             x0_s = _x0(pred, out, z_s, ac)
             cs, co = lcm.get_scalings_for_boundary_condition_discrete(s)
             f = cs * z_s + co * x0_s
-            o_c = b.unet(z_s, s, encoder_hidden_states=cond[i:i + 1]).sample
-            o_u = b.unet(z_s, s, encoder_hidden_states=unc[i:i + 1]).sample
+            o_c = b.denoiser(z_s, s, encoder_hidden_states=cond[i:i + 1]).sample
+            o_u = b.denoiser(z_s, s, encoder_hidden_states=unc[i:i + 1]).sample
             if pred == "v_prediction":  # to ε: the guided DDIM step is linear in the output
                 o_c, o_u = (ac.sqrt() * o + (1 - ac).sqrt() * z_s for o in (o_c, o_u))
             guided = o_c + w[i] * (o_c - o_u)  # CFG at scale 1 + w
@@ -175,7 +175,7 @@ def test_cli_run_writes_everything_and_reloads_in_vanilla_diffusers(tiny_teacher
     ref = pipe(prompt, num_inference_steps=4, guidance_scale=6.0, height=32, width=32, output_type="np",
                generator=torch.Generator().manual_seed(5)).images[0]
     bundle = load_bundle(str(out))
-    ours = sample_images(bundle, bundle.unet, LCMScheduler.from_pretrained(out / "scheduler"), [prompt], [5], 4,
+    ours = sample_images(bundle, bundle.denoiser, LCMScheduler.from_pretrained(out / "scheduler"), [prompt], [5], 4,
                          6.0, 32, 32)[0].permute(1, 2, 0).numpy()
     assert np.abs(ours - ref).max() < 1e-5
     assert ref.std() > 0  # not a blank image
@@ -198,15 +198,15 @@ def test_empty_prompt_dropout_and_student_init(tiny_teacher, caption_folder, tmp
     assert not torch.equal(cond["encoder_hidden_states"][0], tr.bundle.uncond(1)["encoder_hidden_states"][0])
     student = tr.acc.unwrap_model(tr.method.student)
     # Zero-initialised guidance projection: at step 0 the student IS the teacher, for any w.
-    from fewstep.diffusion.schedule import guidance_scale_embedding
+    from fewstep.diffusion.guidance import guidance_scale_embedding
 
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 259])
     c = tr.bundle.encode_text(["a photo of a cat", "a handwritten digit one"])["encoder_hidden_states"]
     with torch.no_grad():
         a = student(z, t, encoder_hidden_states=c, timestep_cond=guidance_scale_embedding(torch.tensor([3., 12.]), 256))
-        b = tr.bundle.unet(z, t, encoder_hidden_states=c)
+        b = tr.bundle.denoiser(z, t, encoder_hidden_states=c)
     assert torch.allclose(a.sample, b.sample, atol=1e-5)
-    teacher_sd = tr.bundle.unet.state_dict()
+    teacher_sd = tr.bundle.denoiser.state_dict()
     for k, v in student.state_dict().items():
         if k.startswith("time_embedding.cond_proj"):
             continue
@@ -223,7 +223,7 @@ def test_gradient_accumulation_and_bf16_autocast(tiny_teacher, caption_folder, t
     before = {k: v.clone() for k, v in tr.acc.unwrap_model(tr.method.student).state_dict().items()}
     logs = tr.step()
     assert tr.state.step == 1 and tr.state.batch_in_epoch == 2  # one step consumed two batches
-    assert tr.bundle.unet.dtype == torch.bfloat16 and tr.bundle.vae.dtype == torch.bfloat16
+    assert tr.bundle.denoiser.dtype == torch.bfloat16 and tr.bundle.vae.dtype == torch.bfloat16
     student = tr.acc.unwrap_model(tr.method.student)
     assert student.dtype == torch.float32
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
@@ -234,10 +234,10 @@ def test_gradient_accumulation_and_bf16_autocast(tiny_teacher, caption_folder, t
 
 def test_student_config_override_survives_in_memory_teachers():
     """A teacher built in memory carries `_use_default_values`; it must not swallow time_cond_proj_dim."""
-    from fewstep.models.bundle import SDBundle
+    from fewstep.models.sd import SDBundle
     from fewstep.testing import tiny_sd_components
 
     p = tiny_sd_components()
-    b = SDBundle("mem", p["tokenizer"], p["text_encoder"], p["vae"], p["unet"], dict(p["scheduler"].config))
-    student = b.new_denoiser(time_cond_proj_dim=64)
+    b = SDBundle("mem", {k: p[k] for k in ("tokenizer", "text_encoder", "vae", "unet")}, dict(p["scheduler"].config))
+    student = b.new_denoiser(guidance_dim=64)
     assert student.config.time_cond_proj_dim == 64 and student.time_embedding.cond_proj is not None

@@ -24,7 +24,7 @@ def test_lora_step_updates_only_adapters_and_teacher_is_the_base(tiny_teacher, c
     tr = lora_trainer(tiny_teacher, caption_folder, tmp_path / "o")
     tr.start()
     unet = tr.acc.unwrap_model(tr.method.student)
-    assert unet is tr.bundle.unet  # one UNet in memory
+    assert unet is tr.bundle.denoiser  # one UNet in memory
     assert unet.config.time_cond_proj_dim is None  # no guidance embedding with LoRA
     base = {k: v.clone() for k, v in unet.state_dict().items() if "lora" not in k}
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
@@ -41,9 +41,9 @@ def test_lora_step_updates_only_adapters_and_teacher_is_the_base(tiny_teacher, c
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 259])
     c = tr.bundle.encode_text(["a photo of a cat", "a handwritten digit one"])
     with torch.no_grad():
-        got = tr.method._teacher(z, t, c)
+        got = tr.method._teacher(z, t, c).raw
         want = ref(z, t, encoder_hidden_states=c["encoder_hidden_states"]).sample
-        student = tr.bundle.predict(unet, z, t, c)
+        student = tr.bundle.denoise(unet, z, t, c)
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(student, want, atol=1e-4)
 
@@ -107,7 +107,7 @@ def test_lora_files_load_in_vanilla_diffusers(lora_run, tiny_teacher, tmp_path):
 
     # fewstep's own sampling of the student (LoRA folder → base + fused LoRA) gives the same images.
     bundle = load_bundle(str(lora_run))
-    ours = sample_images(bundle, bundle.unet, LCMScheduler.from_config(bundle.scheduler_config),
+    ours = sample_images(bundle, bundle.denoiser, LCMScheduler.from_config(bundle.scheduler_config),
                          ["a handwritten digit seven"], [3], 4, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
     assert abs(ours - with_lora).max() < 2e-4
 
@@ -186,7 +186,7 @@ def test_lora_folder_card_snippet_runs(lora_run, tiny_teacher, tmp_path):
     assert dict(pipe.scheduler.config) == dict(LCMScheduler.from_pretrained(lora_run / "scheduler").config)
     assert image.shape == (32, 32, 3) and image.std() > 0
     bundle = load_bundle(str(lora_run))  # the snippet's pipeline is the student fewstep samples
-    ours = sample_images(bundle, bundle.unet, LCMScheduler.from_config(bundle.scheduler_config),
+    ours = sample_images(bundle, bundle.denoiser, LCMScheduler.from_config(bundle.scheduler_config),
                          ["a handwritten digit seven"], [3], 4, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
     assert abs(_run(pipe) - ours).max() < 2e-4
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from fewstep.diffusion.guidance import guidance_scale_embedding
 from fewstep.diffusion.schedule import (
-    NoiseSchedule,
+    DDPMSchedule,
     boundary_scalings,
     ddim_step,
-    guidance_scale_embedding,
     pseudo_huber,
     skip_step_grid,
 )
@@ -19,7 +19,7 @@ def sd_schedule(pred="epsilon"):
 
     s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=pred,
                       clip_sample=False, set_alpha_to_one=False)
-    return s, NoiseSchedule(s.alphas_cumprod, pred)
+    return s, DDPMSchedule(s.alphas_cumprod, pred)
 
 
 def test_boundary_scalings_match_lcm_scheduler():
@@ -64,7 +64,7 @@ def test_ddim_step_matches_diffusers(pred):
     expected = ref.step(out, t, z, eta=0.0).prev_sample
     tt = torch.full((2,), t)
     x0, eps = sch.to_x0_eps(out, z, tt)
-    a, s = sch.coeffs(torch.full((2,), prev), z)
+    a, s = sch.alpha_sigma(torch.full((2,), prev), z)
     assert torch.allclose(ddim_step(x0, eps, a, s), expected, atol=1e-5)
 
 

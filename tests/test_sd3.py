@@ -9,7 +9,6 @@ import torch
 
 from conftest import run_args
 from fewstep.cli import main, parse_run
-from fewstep.config import ConfigError
 from fewstep.training.trainer import Trainer
 
 PROMPTS = ["a handwritten digit five", "a photo of a dog"]
@@ -56,17 +55,12 @@ def test_teacher_data_matches_vanilla_sd3_pipeline(sd3_teacher, sd3_data):
 RECORDED_LOSS = 0.009890797547996044
 
 
-def test_first_step_loss_is_recorded_and_lcd_is_refused(sd3_teacher, sd3_data, tmp_path):
+def test_first_step_loss_is_recorded(sd3_teacher, sd3_data, tmp_path):
     tr = Trainer(parse_run(args(sd3_teacher, sd3_data, tmp_path / "o", max_train_steps=1)))
     tr.start()
     logs = tr.step()
     assert logs["loss"] == pytest.approx(RECORDED_LOSS, rel=1e-4)
     assert logs["grad_norm"] > 0
-    with pytest.raises(ConfigError, match="does not apply to flow-matching"):
-        Trainer(parse_run(run_args(sd3_teacher, sd3_data, tmp_path / "lcd")))
-    with pytest.raises(ConfigError, match="full model"):
-        Trainer(parse_run(args(sd3_teacher, sd3_data, tmp_path / "l", lora_rank=4)))
-
 
 
 def test_train_export_reload_in_vanilla_sd3_pipeline(sd3_teacher, sd3_data, tmp_path):
@@ -86,21 +80,25 @@ def test_train_export_reload_in_vanilla_sd3_pipeline(sd3_teacher, sd3_data, tmp_
                generator=torch.Generator().manual_seed(3)).images[0]
     bundle = load_bundle(str(out))
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
-    ours = sample_images(bundle, bundle.unet, sched, [PROMPTS[0]], [3], 2, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
+    ours = sample_images(bundle, bundle.denoiser, sched, [PROMPTS[0]], [3], 2, 1.0, 32, 32)[0].permute(1, 2, 0).numpy()
     assert np.abs(ours - ref).max() < 1e-5 and ref.std() > 0
     # The trained transformer differs from the teacher's: the export is the student.
-    teacher = load_bundle(str(sd3_teacher)).unet.state_dict()
-    assert any(not torch.equal(v, teacher[k]) for k, v in bundle.unet.state_dict().items())
+    teacher = load_bundle(str(sd3_teacher)).denoiser.state_dict()
+    assert any(not torch.equal(v, teacher[k]) for k, v in bundle.denoiser.state_dict().items())
 
 
 def test_dry_run_reads_sd3_configs(sd3_teacher, sd3_data, tmp_path, capsys):
     assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / "o", dry_run=True)) == 0
     out = capsys.readouterr().out
-    assert "family sd3, transformer in=4 joint_attention_dim=64, FlowMatchEulerDiscreteScheduler" in out
-    # what the real run would refuse, the dry run refuses too, before any weight loads
-    for method, kw, needle in (("dmd2", {}, "--method dmd2 is defined on the discrete DDPM schedule"),
-                               ("lcm", {}, "does not apply to flow-matching"),
-                               ("direct", {"lora_rank": 4}, "full model")):
+    assert ("family sd3, StableDiffusion3Pipeline, transformer in_channels=4, prediction_type=flow, flow matching, "
+            "shift 3 [FlowMatchEulerDiscreteScheduler], default resolution 32 px") in out
+    # every method runs on flow-matching teachers now: the dry run accepts each
+    for method, kw in (("dmd2", {}), ("lcm", {}), ("lcm", {"lora_rank": 4}), ("disback", {}),
+                       ("direct", {"lora_rank": 4})):
         assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / method, method=method, dry_run=True,
-                                       **kw)) == 2
-        assert needle in capsys.readouterr().err
+                                       **kw)) == 0, capsys.readouterr().err
+        assert "dry run OK" in capsys.readouterr().out
+    # and refuses what the run refuses, before any weight loads
+    assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / "k", method="dmd2", num_denoising_step=3,
+                                   dry_run=True)) == 2
+    assert "--num_denoising_step 3 must divide" in capsys.readouterr().err

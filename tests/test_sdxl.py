@@ -36,7 +36,7 @@ def test_conditioning_matches_the_sdxl_pipeline(tiny_sdxl):
 
 
 def test_fp16_keeps_the_stock_sdxl_vae_in_fp32(tiny_sdxl, tmp_path):
-    b = load_bundle(str(tiny_sdxl)).to("cpu", dtype=torch.float16, unet_dtype=torch.float16)
+    b = load_bundle(str(tiny_sdxl)).to("cpu", dtype=torch.float16, denoiser_dtype=torch.float16)
     assert b.vae.dtype == torch.float32 and b.text_encoder_2.dtype == torch.float16
     b2 = load_bundle(str(tiny_sdxl), vae_path=str(tiny_sdxl / "vae")).to("cpu", dtype=torch.float16)
     assert b2.vae.dtype == torch.float16  # a separately given VAE is taken as fp16-safe

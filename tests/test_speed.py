@@ -102,7 +102,7 @@ def test_levers_give_the_plain_step_bf16(tiny_teacher, caption_folder, tmp_path)
     kw = dict(mixed_precision="bf16")
     plain = run(tiny_teacher, caption_folder, tmp_path / "a", **kw, adam_impl="foreach")
     fast = run(tiny_teacher, caption_folder, tmp_path / "b", **kw, cast_teacher_unet=True, **LEVERS)
-    assert fast[0].bundle.unet.dtype == torch.bfloat16 and plain[0].bundle.unet.dtype == torch.float32
+    assert fast[0].bundle.denoiser.dtype == torch.bfloat16 and plain[0].bundle.denoiser.dtype == torch.float32
     for la, lb in zip(plain[1], fast[1]):
         assert lb["loss"] == pytest.approx(la["loss"], rel=5e-2)
     for ga, gb in zip(plain[2], fast[2]):
@@ -128,7 +128,7 @@ def test_denoisers_are_found_once_each(tiny_teacher, caption_folder, tmp_path):
     """LCD full holds three UNets (student, teacher, EMA target); LCM-LoRA holds one."""
     for kw, n in ((METHODS["lcm"], 3), (METHODS["lcm-lora"], 1)):
         tr = Trainer(parse_run(run_args(tiny_teacher, caption_folder, tmp_path / str(n), **kw)))
-        assert len(denoisers(held_networks(tr.method, tr.bundle), type(tr.bundle.unet))) == n
+        assert len(denoisers(held_networks(tr.method, tr.bundle), type(tr.bundle.denoiser))) == n
 
 
 def test_bad_speed_keys_are_refused(tiny_teacher, caption_folder, tmp_path):

@@ -19,11 +19,11 @@ def test_phases_switch_and_each_updates_only_its_network(caption_folder, tmp_pat
     tr = Trainer(parse_run(["--method", "teacher", *teacher_args(caption_folder, tmp_path / "o")]))
     tr.start()
     m = tr.method
-    unet0 = {k: v.clone() for k, v in m.bundle.unet.state_dict().items()}
+    unet0 = {k: v.clone() for k, v in m.bundle.denoiser.state_dict().items()}
     vae0 = {k: v.clone() for k, v in m.bundle.vae.state_dict().items()}
     logs = tr.step()
     assert "vae/recon_mse" in logs and float(m.scale.value) == 0
-    assert all(torch.equal(v, m.bundle.unet.state_dict()[k]) for k, v in unet0.items())  # UNet untouched
+    assert all(torch.equal(v, m.bundle.denoiser.state_dict()[k]) for k, v in unet0.items())  # UNet untouched
     assert not all(torch.equal(v, m.bundle.vae.state_dict()[k]) for k, v in vae0.items())
     tr.step()
     vae1 = {k: v.clone() for k, v in m.bundle.vae.state_dict().items()}
@@ -31,9 +31,9 @@ def test_phases_switch_and_each_updates_only_its_network(caption_folder, tmp_pat
     logs = tr.step()  # first UNet step: the latent scale is measured, the VAE is frozen
     assert "vae/recon_mse" not in logs and float(m.scale.value) > 0
     assert all(torch.equal(v, m.bundle.vae.state_dict()[k]) for k, v in vae1.items())
-    assert not all(torch.equal(v, m.bundle.unet.state_dict()[k]) for k, v in unet0.items())
+    assert not all(torch.equal(v, m.bundle.denoiser.state_dict()[k]) for k, v in unet0.items())
     for k, v in m.ema.state_dict().items():  # EMA with decay 0.5 sits halfway
-        assert torch.allclose(v, 0.5 * ema0[k] + 0.5 * m.bundle.unet.state_dict()[k], atol=1e-6)
+        assert torch.allclose(v, 0.5 * ema0[k] + 0.5 * m.bundle.denoiser.state_dict()[k], atol=1e-6)
 
 
 def test_trained_teacher_loads_in_vanilla_diffusers(caption_folder, tmp_path):

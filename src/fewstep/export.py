@@ -37,7 +37,10 @@ def export_pipeline(bundle, unet, scheduler, out_dir: Path, vae_override: str | 
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, Any], metrics: dict | None = None):
+def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, Any], metrics: dict | None = None,
+                     load_args: str = ""):
+    """README.md with a code block that runs as written; ``load_args``: the extra ``from_pretrained``
+    arguments the family's folders need (:meth:`ModelBundle.card_load_args`)."""
     steps = facts.get("num_inference_steps", 4)
     gs = facts.get("guidance_scale", 1.0)
     gs_num = gs
@@ -52,11 +55,11 @@ def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, 
     (Path(out_dir) / "fewstep_sampling.json").write_text(json.dumps(hints) + "\n")
     sched = facts.get("scheduler", "LCMScheduler")
     if facts.get("lora"):  # no model_index.json here: the base model, then the adapter and its scheduler
-        load = (f'pipe = DiffusionPipeline.from_pretrained("{teacher}")\n'
+        load = (f'pipe = DiffusionPipeline.from_pretrained("{teacher}"{load_args})\n'
                 f'pipe.load_lora_weights("{out_dir}", weight_name="pytorch_lora_weights.safetensors")\n'
                 f'pipe.scheduler = {sched}.from_pretrained("{out_dir}", subfolder="scheduler")')
     else:
-        load = (f'pipe = DiffusionPipeline.from_pretrained("{out_dir}")\n'
+        load = (f'pipe = DiffusionPipeline.from_pretrained("{out_dir}"{load_args})\n'
                 f'pipe.scheduler = {sched}.from_config(pipe.scheduler.config)')
     card = f"""---
 library_name: diffusers

@@ -221,11 +221,12 @@ def sd15_components(tokenizer_dir: str | Path | None = None, bpe_gz: str | Path 
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
 
 
-def tiny_sd3_components(image_size: int = 32, seed: int = 0, model_max_length: int = 16):
+def tiny_sd3_components(image_size: int = 32, seed: int = 0, model_max_length: int = 16, variant: str = "3"):
     """A StableDiffusion3Pipeline-shaped teacher with random weights: a 2-layer SD3Transformer2DModel
     (patch 2), two CLIP text encoders with projection (their 32-d states side by side fill the 64-d
     joint width), no T5 (the pipeline then uses zeros for its tokens), a VAE (÷4) with SD3's shift
-    and scale, and FlowMatchEulerDiscreteScheduler with SD3's shift 3."""
+    and scale, and FlowMatchEulerDiscreteScheduler with SD3's shift 3. ``variant="3.5"``: SD3.5's
+    transformer config (RMS QK-norm; SD3.5-medium's MMDiT-X dual attention in the first layer)."""
     import tempfile
 
     import torch
@@ -247,10 +248,11 @@ def tiny_sd3_components(image_size: int = 32, seed: int = 0, model_max_length: i
                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 32, 64],
                         latent_channels=4, layers_per_block=1, norm_num_groups=16, sample_size=image_size,
                         shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+    extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if variant == "3.5" else {}
     transformer = SD3Transformer2DModel(sample_size=image_size // 4, patch_size=2, in_channels=4, out_channels=4,
                                         num_layers=2, attention_head_dim=16, num_attention_heads=2,
                                         joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-                                        pos_embed_max_size=image_size // 4)
+                                        pos_embed_max_size=image_size // 4, **extra)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return dict(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)

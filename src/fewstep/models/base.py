@@ -445,9 +445,15 @@ class ModelBundle:
         parts = {k: v for k, v in self.parts.items() if k in accepted}
         return self.pipeline_cls(**{**parts, self.denoiser_name: denoiser, "scheduler": scheduler})
 
+    def card_load_args(self) -> str:
+        """Keyword arguments (Python source, with a leading comma) that ``DiffusionPipeline.from_pretrained``
+        needs for this folder, for the code blocks of model cards; "" when it needs none."""
+        return ""
+
     def describe(self) -> str:
         """One line for --dry_run: the family and the denoiser's shape."""
         d = self.part_config(self.denoiser_name)
-        kind = "flow matching" if self.schedule.kind == "flow" else f"DDPM {self.schedule.prediction_type}"
+        kind = (f"flow matching, shift {self.schedule.shift:g}" if self.schedule.kind == "flow" else "DDPM table")
         return (f"{self.root} (family {self.family}, {self.pipeline_class}, {self.denoiser_name} "
-                f"in_channels={d.get('in_channels')}, {kind}, default resolution {self.default_resolution} px)")
+                f"in_channels={d.get('in_channels')}, prediction_type={self.schedule.prediction_type}, {kind} "
+                f"[{self.scheduler_config.get('_class_name')}], default resolution {self.default_resolution} px)")

@@ -202,7 +202,7 @@ class SDBundle(ModelBundle):
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         te.requires_grad_(False).eval()
         parts = {"tokenizer": tok, "text_encoder": te, "vae": vae if vae is not None else fresh_vae, "unet": unet}
-        return cls(str(tokenizer_dir), parts, dict(sched.config))
+        return cls(str(tokenizer_dir), parts, {**sched.config, "_class_name": type(sched).__name__})
 
 
 def new_clip_tokenizer(out_dir: Path, max_length: int):

@@ -84,6 +84,13 @@ class SD3Bundle(ModelBundle):
                 enc = cls.from_pretrained(self.root, subfolder=name, dtype=torch.float32)
                 self.parts[name] = enc.requires_grad_(False).eval().to(self.device, self._text_dtype)
 
+    def card_load_args(self) -> str:
+        # diffusers loads a folder without T5 only when told so (text_encoder_3 is null in model_index.json)
+        index = json.loads((Path(self.root) / "model_index.json").read_text())
+        if not index.get("text_encoder_3") or index["text_encoder_3"][0] is None:
+            return ", text_encoder_3=None, tokenizer_3=None"
+        return ""
+
     def _pipe(self):
         from diffusers import StableDiffusion3Pipeline
 
@@ -198,4 +205,4 @@ class SD3Bundle(ModelBundle):
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=p["shift"])
         parts = {"transformer": transformer, "vae": vae, "text_encoder": te, "tokenizer": tok, "text_encoder_2": te2,
                  "tokenizer_2": tok, "text_encoder_3": None, "tokenizer_3": None}
-        return cls(str(tokenizer_dir), parts, dict(sched.config))
+        return cls(str(tokenizer_dir), parts, {**sched.config, "_class_name": type(sched).__name__})

@@ -379,7 +379,8 @@ class Trainer:
         result = None
         if acc.is_main_process:
             facts = self.method.export(self.out)
-            write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts)
+            write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts,
+                             load_args=self.bundle.card_load_args() if self.bundle is not None else "")
             result = self.out
             log.info("student written to %s", self.out)
         acc.end_training()

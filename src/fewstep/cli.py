@@ -168,6 +168,9 @@ def cmd_sample(argv: list[str]) -> int:
     ts = hints.get("timesteps")
     if a.scheduler or (ts and a.num_inference_steps and a.num_inference_steps != len(ts)):
         ts = None
+    # Pipelines that do not hand their generator to the scheduler (SD3) re-noise multistep LCM samples from
+    # torch's global RNG: seed it too, so a run is repeatable (and equals the pipeline after the same seed).
+    torch.manual_seed(a.seed)
     imgs = sample_images(bundle, bundle.denoiser, sched, a.prompt, [a.seed + i for i in range(len(a.prompt))],
                          steps, gs, res, res, timesteps=ts)
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)

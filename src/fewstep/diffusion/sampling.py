@@ -80,9 +80,10 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
         if kind == "ddim-leading":
             overrides.setdefault("timestep_spacing", "leading")
     cls = classes[kind]
+    # Keys the class does not take (another class's config, e.g. FlowMatchEuler's stochastic_sampling for
+    # FlowMatchLCM; LCM's original_inference_steps elsewhere) are dropped rather than warned about.
     accepted = inspect.signature(cls.__init__).parameters
-    overrides = {k: v for k, v in overrides.items() if k in accepted}
-    return cls.from_config({**cfg_, **overrides})
+    return cls.from_config({k: v for k, v in {**cfg_, **overrides}.items() if k in accepted})
 
 
 def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int | None = None, checkpoint: bool = False,
@@ -169,8 +170,8 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
         return inner(z, t).to(dtype)
 
     kw = bundle.timestep_kwargs(height, width, timesteps)
-    states = unroll(denoise, scheduler, latents, num_inference_steps, generator=gens if len(gens) > 1 else gens[0],
-                    timestep_kwargs=kw)
+    step_gen = (gens if len(gens) > 1 else gens[0]) if bundle.step_generator else None
+    states = unroll(denoise, scheduler, latents, num_inference_steps, generator=step_gen, timestep_kwargs=kw)
     return states[-1]
 
 

@@ -107,6 +107,7 @@ def generate(run: EvalRun, prompts: list[str], seeds: list[int], resolution: int
     else:
         sched = make_scheduler(run.scheduler, b.scheduler_config, **extra)
     out = []
+    torch.manual_seed(0)  # stochastic steps that draw from the global RNG (SD3 pipelines) repeat exactly
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         out.append(sample_images(b, b.denoiser, sched, prompts[i:i + batch_size], seeds[i:i + batch_size], run.steps,

@@ -128,6 +128,10 @@ class ModelBundle:
     # architecture already takes a guidance scale (guidance-distilled teachers); None: neither.
     guidance_embedding: ClassVar[str | None] = None
     micro_conditioning: ClassVar[bool] = False  # image size / crop conditioning (--use_fix_crop_and_size applies)
+    # Whether the family's pipeline hands its generator to ``scheduler.step`` (StableDiffusionPipeline
+    # does; StableDiffusion3Pipeline does not, so a stochastic scheduler there draws from torch's global
+    # RNG): the sampler does the same, so that images equal the vanilla pipeline's.
+    step_generator: ClassVar[bool] = True
 
     def __init__(self, root: str, parts: dict[str, Any], scheduler_config: dict, vae_encode_batch_size: int = 32):
         self.root = root

@@ -34,6 +34,7 @@ class SD3Bundle(ModelBundle):
     text_parts = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_targets = SD3_LORA_TARGETS
     guidance_embedding = None
+    step_generator = False
 
     @staticmethod
     def matches(index: dict) -> bool:

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .sources import BadSample
 from .stream import StreamDataset
+from .transforms import BadSample
 
 
 def read_file_list(path: str) -> list[tuple[list[str], float | None]]:

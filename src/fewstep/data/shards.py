@@ -14,8 +14,8 @@ import json
 import torch
 
 from ..config import ConfigError
-from .sources import BadSample
 from .stream import StreamDataset
+from .transforms import BadSample
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 TEXT_KEYS = ("text", "txt", "caption")

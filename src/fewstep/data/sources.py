@@ -19,20 +19,12 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from .transforms import ImageTransform
+from .transforms import BadSample, ImageTransform  # noqa: F401  (BadSample: re-exported)
 
 log = logging.getLogger("fewstep.data")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "prompt", "caption")
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; ``cause`` is its category in the skip summary."""
-
-    def __init__(self, cause: str, where: str):
-        super().__init__(f"{cause}: {where}")
-        self.cause, self.where = cause, where
 
 
 def _caption_key(row: dict, wanted: str, where: str) -> str:

@@ -15,6 +15,14 @@ _FILTERS = {
 MIN_SIDE = 8  # images smaller than this on a side are skipped as "tiny image"
 
 
+class BadSample(Exception):
+    """A sample that cannot be used; ``cause`` is its category in the skip summary."""
+
+    def __init__(self, cause: str, where: str):
+        super().__init__(f"{cause}: {where}")
+        self.cause, self.where = cause, where
+
+
 class ImageTransform:
     """Resize the short side to ``resolution``, crop a square (center or random), optionally flip,
     scale to [-1, 1]. Randomness comes from the caller's generator, so results do not depend on
@@ -26,8 +34,6 @@ class ImageTransform:
         self.filter = _FILTERS[interpolation]
 
     def open(self, path: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        from .sources import BadSample
-
         try:
             with Image.open(path) as im:
                 im.load()
@@ -40,8 +46,6 @@ class ImageTransform:
     def apply(self, im: Image.Image, gen: torch.Generator, where: str = "?") -> dict[str, torch.Tensor]:
         """``pixel_values`` in [-1, 1], plus SDXL's micro-conditioning inputs: ``original_size`` (h, w)
         of the source image and ``crop_top_left`` (top, left) of the crop in the resized image."""
-        from .sources import BadSample
-
         if min(im.size) < MIN_SIDE:
             raise BadSample("tiny image", where)
         im = im.convert("RGB")

@@ -14,6 +14,11 @@ import torch
 from .schedule import Prediction
 
 
+def cat_cond(*conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack several conditions (dicts of tensors) along the batch, e.g. uncond ‖ cond for one CFG forward."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
 def cfg(cond: torch.Tensor, uncond: torch.Tensor, scale=None, *, w=None) -> torch.Tensor:
     """Classifier-free guidance, given the scale s as diffusers writes it, D(∅) + s (D(c) − D(∅)), or
     the guidance weight w = s − 1 as the LCM papers write it, D(c) + w (D(c) − D(∅)); a number or a

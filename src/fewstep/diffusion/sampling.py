@@ -14,7 +14,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..config import ConfigError
-from .guidance import cfg
+from .guidance import cat_cond, cfg
 
 # Short names accepted by make_scheduler; checked by the commands before any model loads.
 SCHEDULERS = ("lcm", "ddim", "ddim-leading", "dpm++", "euler", "ddpm", "flow-euler")
@@ -120,8 +120,6 @@ def guided_denoiser(bundle, net, cond, uncond, guidance_scale: float, w: torch.T
     """D(z, t) as a pipeline computes it: classifier-free guidance over one uncond ‖ cond batch when
     ``uncond`` is given (and the scale is > 1), else one conditional call (with the guidance weight ``w``
     for students that embed it)."""
-    from ..models.bundle import cat_cond
-
     if uncond is not None and guidance_scale > 1.0:
         both = cat_cond(uncond, cond)
 

@@ -32,14 +32,10 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import ConfigError
+from ..diffusion.guidance import cat_cond  # noqa: F401  (re-exported: methods import it with the bundle)
 from ..diffusion.schedule import Prediction, Schedule, schedule_from_config
 
 Cond = dict[str, torch.Tensor]
-
-
-def cat_cond(*conds: Cond) -> Cond:
-    """Stack several conditions along the batch (e.g. uncond ‖ cond for one CFG forward)."""
-    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
 def check_teacher_path(path: str, revision: str | None = None) -> str:

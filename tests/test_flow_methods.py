@@ -146,6 +146,7 @@ def _vanilla_vs_sample(out: Path, teacher: Path, lora: bool, tmp_path: Path, see
         from fewstep.models.bundle import load_bundle
 
         extra = load_bundle(str(teacher), weights=False).timestep_kwargs(32, 32, hints["timesteps"])
+    extra.update(hints.get("pipeline_kwargs", {}))  # e.g. the teacher's max_sequence_length
     torch.manual_seed(seed)  # SD3's pipeline re-noises multistep LCM samples from the global RNG
     ref = pipe(PROMPT, num_inference_steps=hints["num_inference_steps"], guidance_scale=hints["guidance_scale"],
                height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(seed), **extra).images[0]
@@ -224,3 +225,35 @@ def test_gan_head_reads_the_transformer_middle_block(sd3, caption_folder, tmp_pa
     assert seen == [(2, inner, 4, 4)] and logits.shape == (2,)  # the 8×8 latent in 2×2 patches
     m.fake_score(x, torch.tensor([500.0, 500.0]), cond)  # a plain forward keeps no features
     assert fake._feat is None
+
+
+def test_a_flow_teacher_trains_from_scratch_and_loads_in_vanilla_diffusers(tmp_path):
+    """`fewstep train-teacher` with an SD3-architecture preset reusing a trained VAE: flow-matching
+    steps, then a StableDiffusion3Pipeline folder whose card (with its recorded max_sequence_length)
+    runs as written and samples like `fewstep sample`."""
+    import json
+
+    from fewstep.testing import build_tiny_sd, write_caption_folder
+
+    vae_donor = build_tiny_sd(tmp_path / "donor")
+    data = write_caption_folder(tmp_path / "data", n=8, size=32)
+    out = tmp_path / "teacher"
+    args = ["--teacher_preset", "tiny-flow", "--teacher_vae", str(vae_donor), "--train_data_dir", str(data),
+            "--output_dir", str(out), "--resolution", "32", "--train_batch_size", "4", "--max_train_steps", "3",
+            "--learning_rate", "1e-3", "--validation_steps", "0", "--report_to", "none", "--teacher_inference_steps",
+            "4", "--teacher_guidance_scale", "2.0"]
+    assert main(["train-teacher", *args]) == 0
+    hints = json.loads((out / "fewstep_sampling.json").read_text())
+    assert hints["pipeline_kwargs"] == {"max_sequence_length": 16}
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+        "FlowMatchEulerDiscreteScheduler"
+    code = card_snippet(out)
+    assert "max_sequence_length=16" in code
+    exec(compile(code, "card", "exec"), {})
+    assert _vanilla_vs_sample(out, out, False, tmp_path) <= 1 / 255 + 1e-6
+    # the VAE is the donor's, untouched
+    from safetensors.torch import load_file
+
+    a = load_file(str(vae_donor / "vae" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

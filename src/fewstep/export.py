@@ -38,9 +38,10 @@ def export_pipeline(bundle, unet, scheduler, out_dir: Path, vae_override: str | 
 
 
 def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, Any], metrics: dict | None = None,
-                     load_args: str = ""):
-    """README.md with a code block that runs as written; ``load_args``: the extra ``from_pretrained``
-    arguments the family's folders need (:meth:`ModelBundle.card_load_args`)."""
+                     load_args: str = "", call_kwargs: dict | None = None):
+    """README.md with a code block that runs as written, and fewstep_sampling.json. ``load_args``: the
+    extra ``from_pretrained`` arguments the family's folders need (:meth:`ModelBundle.card_load_args`);
+    ``call_kwargs``: pipeline-call arguments its conditioning depends on (:meth:`ModelBundle.call_kwargs`)."""
     steps = facts.get("num_inference_steps", 4)
     gs = facts.get("guidance_scale", 1.0)
     gs_num = gs
@@ -51,7 +52,10 @@ def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, 
     if facts.get("timesteps"):  # a scheduler grid that cannot express the training timesteps
         hints["timesteps"] = facts["timesteps"]
         # in the form the family's pipeline takes them (timesteps=, or sigmas= for flow schedulers)
-        ts_arg = "".join(f", {k}={v}" for k, v in facts.get("pipeline_kwargs", {"timesteps": facts["timesteps"]}).items())
+        ts_arg = "".join(f", {k}={v}" for k, v in facts.get("timestep_kwargs", {"timesteps": facts["timesteps"]}).items())
+    if call_kwargs:
+        hints["pipeline_kwargs"] = dict(call_kwargs)
+        ts_arg += "".join(f", {k}={v!r}" for k, v in call_kwargs.items())
     (Path(out_dir) / "fewstep_sampling.json").write_text(json.dumps(hints) + "\n")
     sched = facts.get("scheduler", "LCMScheduler")
     if facts.get("lora"):  # no model_index.json here: the base model, then the adapter and its scheduler

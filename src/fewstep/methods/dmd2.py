@@ -491,8 +491,8 @@ class DMD2(Method):
         if ts:
             res = self.cfg.resolution
             facts["timesteps"] = ts
-            facts["pipeline_kwargs"] = {k: v for k, v in self.bundle.timestep_kwargs(res, res, ts).items() if k != "mu"}
-            arg = ", ".join(f"{k}={_rounded(v)}" for k, v in facts["pipeline_kwargs"].items())
+            facts["timestep_kwargs"] = {k: v for k, v in self.bundle.timestep_kwargs(res, res, ts).items() if k != "mu"}
+            arg = ", ".join(f"{k}={_rounded(v)}" for k, v in facts["timestep_kwargs"].items())
             facts["guidance_note"] += f" Pass {arg} to the pipeline ({name}'s own grid differs)."
         if self.lora:
             # The trained fake score is a by-product users rarely need; keep it small and loadable.

@@ -445,6 +445,11 @@ class ModelBundle:
         parts = {k: v for k, v in self.parts.items() if k in accepted}
         return self.pipeline_cls(**{**parts, self.denoiser_name: denoiser, "scheduler": scheduler})
 
+    def call_kwargs(self) -> dict:
+        """Pipeline-call arguments this folder's conditioning depends on (besides steps, guidance and
+        timesteps), recorded in ``fewstep_sampling.json`` as ``pipeline_kwargs`` and shown in model cards."""
+        return {}
+
     def card_load_args(self) -> str:
         """Keyword arguments (Python source, with a leading comma) that ``DiffusionPipeline.from_pretrained``
         needs for this folder, for the code blocks of model cards; "" when it needs none."""

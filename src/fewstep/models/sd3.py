@@ -36,9 +36,25 @@ class SD3Bundle(ModelBundle):
     guidance_embedding = None
     step_generator = False
 
+    # The length of the T5 part of the prompt embedding (T5 states, or zeros without T5): the pipeline's
+    # ``max_sequence_length`` (256 by default). A folder trained with another records it in
+    # fewstep_sampling.json's ``pipeline_kwargs``, and every encoding here and in its cards uses it.
+    max_sequence_length = 256
+
+    def __init__(self, root, parts, scheduler_config, vae_encode_batch_size=32):
+        super().__init__(root, parts, scheduler_config, vae_encode_batch_size)
+        hints = Path(root) / "fewstep_sampling.json"
+        if hints.is_file():
+            n = json.loads(hints.read_text()).get("pipeline_kwargs", {}).get("max_sequence_length")
+            if n:
+                self.max_sequence_length = int(n)
+
     @staticmethod
     def matches(index: dict) -> bool:
         return "transformer" in index and str(index.get("_class_name", "")).startswith("StableDiffusion3")
+
+    def call_kwargs(self) -> dict:
+        return {} if self.max_sequence_length == 256 else {"max_sequence_length": self.max_sequence_length}
 
     @classmethod
     def load(cls, path: str, revision: str | None = None, vae_path: str | None = None, weights: bool = True,
@@ -86,11 +102,9 @@ class SD3Bundle(ModelBundle):
                 self.parts[name] = enc.requires_grad_(False).eval().to(self.device, self._text_dtype)
 
     def card_load_args(self) -> str:
-        # diffusers loads a folder without T5 only when told so (text_encoder_3 is null in model_index.json)
-        index = json.loads((Path(self.root) / "model_index.json").read_text())
-        if not index.get("text_encoder_3") or index["text_encoder_3"][0] is None:
-            return ", text_encoder_3=None, tokenizer_3=None"
-        return ""
+        # diffusers loads a folder without T5 only when told so (text_encoder_3 is null in model_index.json);
+        # the tokenizer tells, as it is loaded even when a cache stands in for the encoders
+        return ", text_encoder_3=None, tokenizer_3=None" if self.parts.get("tokenizer_3") is None else ""
 
     def _pipe(self):
         from diffusers import StableDiffusion3Pipeline
@@ -105,7 +119,8 @@ class SD3Bundle(ModelBundle):
         if self.parts.get("text_encoder") is None:
             return self._cached_text(prompts)
         embeds, _, pooled, _ = self._pipe().encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
-                                                           device=self.device, do_classifier_free_guidance=False)
+                                                           device=self.device, do_classifier_free_guidance=False,
+                                                           max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     # ---- denoiser -------------------------------------------------------------------------------
@@ -161,6 +176,9 @@ class SD3Bundle(ModelBundle):
         "tiny-flow": dict(image_size=32, vae_channels=(32, 32, 64), text_dim=32, max_length=16, num_layers=2,
                           heads=2, head_dim=16, shift=3.0),
     }
+    # No T5: its zero block would be 256 tokens by default, 16 times the image's 16 tokens, for no
+    # information at all; these teachers train (and record) 16.
+    SCRATCH_SEQUENCE_LENGTH = 16
     default_prediction_type = "flow"
 
     @classmethod
@@ -206,4 +224,6 @@ class SD3Bundle(ModelBundle):
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=p["shift"])
         parts = {"transformer": transformer, "vae": vae, "text_encoder": te, "tokenizer": tok, "text_encoder_2": te2,
                  "tokenizer_2": tok, "text_encoder_3": None, "tokenizer_3": None}
-        return cls(str(tokenizer_dir), parts, {**sched.config, "_class_name": type(sched).__name__})
+        bundle = cls(str(tokenizer_dir), parts, {**sched.config, "_class_name": type(sched).__name__})
+        bundle.max_sequence_length = cls.SCRATCH_SEQUENCE_LENGTH
+        return bundle

@@ -379,8 +379,10 @@ class Trainer:
         result = None
         if acc.is_main_process:
             facts = self.method.export(self.out)
+            b = self.bundle
             write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts,
-                             load_args=self.bundle.card_load_args() if self.bundle is not None else "")
+                             load_args=b.card_load_args() if b is not None else "",
+                             call_kwargs=b.call_kwargs() if b is not None else None)
             result = self.out
             log.info("student written to %s", self.out)
         acc.end_training()

@@ -1,11 +1,12 @@
-"""`fewstep cache`: VAE latents and text embeddings computed once, read by every later run.
+"""Reading `fewstep cache` folders: VAE latents and text embeddings computed once, read by every later
+run (the writer is :mod:`fewstep.caching`).
 
 Layout of a cache folder::
 
     cache.json                 key (teacher, VAE, family, resolution, transform), parts, counts
     prompts.safetensors        text embeddings of "" and of the validation prompts
     part-r000-00000.safetensors   per rank, in order: posterior moments (mean ‖ logvar), text
-                               embeddings, SDXL's original size and crop; captions in the metadata
+                               embeddings, each image's original size and crop; captions in the metadata
 
 The VAE posterior's *moments* are stored, not one latent sample, so every epoch still draws a fresh
 latent from the posterior exactly as encoding on the fly does. The random crop and flip, by contrast,

@@ -169,16 +169,17 @@ class SD3Bundle(ModelBundle):
 
     # ---- a teacher from scratch (`fewstep train-teacher`) ---------------------------------------
     # An SD3-architecture MMDiT on 32 px digits: 8×8×4 latents in 2×2 patches (16 image tokens), two
-    # small CLIP encoders side by side (their 2 × text_dim states fill the joint width), no T5.
+    # small CLIP encoders side by side (their 2 × text_dim states fill the joint width), no T5; their
+    # encoders keep their random initialisation (frozen), as the UNet presets' encoder does.
     ARCH_PRESETS = {
-        "mnist-flow": dict(image_size=32, vae_channels=(32, 64, 64), text_dim=64, max_length=16, num_layers=6,
-                           heads=4, head_dim=32, shift=1.0),
+        # ("a handwritten digit seven" is 6 CLIP tokens with its start and end: 8 leave room.)
+        "mnist-flow": dict(image_size=32, vae_channels=(32, 64, 64), text_dim=64, max_length=8, num_layers=4,
+                           heads=4, head_dim=24, shift=1.0),
         "tiny-flow": dict(image_size=32, vae_channels=(32, 32, 64), text_dim=32, max_length=16, num_layers=2,
                           heads=2, head_dim=16, shift=3.0),
     }
-    # No T5: its zero block would be 256 tokens by default, 16 times the image's 16 tokens, for no
-    # information at all; these teachers train (and record) 16.
-    SCRATCH_SEQUENCE_LENGTH = 16
+    # No T5: its zero block would be 256 tokens by default (16 times the 16 image tokens) and carries no
+    # information; these teachers train with, and record, a block as long as the CLIP part.
     default_prediction_type = "flow"
 
     @classmethod
@@ -225,5 +226,5 @@ class SD3Bundle(ModelBundle):
         parts = {"transformer": transformer, "vae": vae, "text_encoder": te, "tokenizer": tok, "text_encoder_2": te2,
                  "tokenizer_2": tok, "text_encoder_3": None, "tokenizer_3": None}
         bundle = cls(str(tokenizer_dir), parts, {**sched.config, "_class_name": type(sched).__name__})
-        bundle.max_sequence_length = cls.SCRATCH_SEQUENCE_LENGTH
+        bundle.max_sequence_length = p["max_length"]
         return bundle

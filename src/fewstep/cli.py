@@ -169,6 +169,12 @@ def cmd_sample(argv: list[str]) -> int:
         cls = getattr(diffusers, bundle.scheduler_config.get("_class_name", "DDPMScheduler"))
         sched = cls.from_config(bundle.scheduler_config)
     steps = a.num_inference_steps or hints.get("num_inference_steps", 4)
+    lo, hi = hints.get("valid_steps", (1, steps))
+    if not a.scheduler and not lo <= steps <= hi:
+        from .export import steps_phrase
+
+        raise ConfigError(f"--num_inference_steps {steps}: {a.model} is trained for {steps_phrase((lo, hi))} "
+                          f"(its fewstep_sampling.json); pick one of those, or another --scheduler to experiment")
     gs = a.guidance_scale if a.guidance_scale is not None else hints.get("guidance_scale", 1.0)
     res = a.resolution or bundle.unet.config.sample_size * bundle.vae_scale
     # Training timesteps the scheduler's own grid cannot express (a one-step generator at t = 399)

@@ -70,8 +70,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 1000  # optimizer steps
     learning_rate: float = 1e-6
-    lr_scheduler: str = "constant"  # any diffusers scheduler name: constant, cosine, linear, ...
-    lr_warmup_steps: int = 500
+    lr_scheduler: str = "constant"  # diffusers schedule: constant, constant_with_warmup, cosine, linear, ...
+    lr_warmup_steps: int | None = None  # linear warmup in iterations (default: 500, or 0 with constant)
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -319,8 +319,17 @@ def validate_train(c: TrainConfig) -> None:
         check_cache(c)  # the cache was made for this teacher and transform (no model is loaded)
     from diffusers.optimization import SchedulerType
 
-    names = [s.value for s in SchedulerType]
+    # piecewise_constant needs step rules, which no option gives
+    names = [s.value for s in SchedulerType if s.value != "piecewise_constant"]
     need(c.lr_scheduler in names, f"--lr_scheduler {c.lr_scheduler!r} is not one of {', '.join(names)}")
+    # diffusers' "constant" ignores warmup (lr at full value from step 0): a warmup given with it is refused,
+    # and the default warmup (diffusers' scripts: 500) applies only to schedules that have one.
+    if c.lr_warmup_steps is None:
+        c.lr_warmup_steps = 0 if c.lr_scheduler == "constant" else 500
+    need(c.lr_warmup_steps >= 0, "--lr_warmup_steps must be >= 0")
+    need(c.lr_warmup_steps == 0 or c.lr_scheduler != "constant",
+         f"--lr_warmup_steps {c.lr_warmup_steps} has no effect with --lr_scheduler constant, which has no warmup: "
+         "use --lr_scheduler constant_with_warmup (or drop --lr_warmup_steps)")
 
 
 TrainConfig.validate = validate_train  # type: ignore[attr-defined]

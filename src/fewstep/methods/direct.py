@@ -282,11 +282,16 @@ class Direct(Method):
         with self.accelerator.autocast():
             return sample_images(self.bundle, unet, sched, prompts, seeds, num_inference_steps, w, res, res)
 
+    def trained_steps(self):
+        # exactly the K of the data (None until the first batch has said it, without --student_steps)
+        return (self.sampling.K, self.sampling.K) if self.sampling.K else None
+
     def export(self, out_dir: Path):
         unet = self.accelerator.unwrap_model(self.student)
         sched, name = student_scheduler(self.bundle.scheduler_config)
         K, w = self.sampling.K, self.sampling.w if self.sampling.w is not None else 1.0
-        facts = {"scheduler": type(sched).__name__, "sampler": name, "num_inference_steps": K, "guidance_scale": w,
+        facts = {"scheduler": type(sched).__name__, "sampler": name, "num_inference_steps": K,
+                 "valid_steps": self.trained_steps(), "guidance_scale": w,
                  "guidance_note": f"Direct distillation ({self.mcfg.direct_variant}): trained for exactly {K} steps of "
                                   f"{type(sched).__name__} at guidance scale {w:g}; other settings are untrained."}
         if self.lora:

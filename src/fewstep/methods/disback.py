@@ -12,6 +12,11 @@ before it, and every ``--interval`` stage-2 optimizer steps the target moves one
 teacher, ending on the teacher itself. Targets are loaded strictly (every key present, none extra):
 the public code's non-strict load with prefixed keys can silently keep the old target.
 
+Learning-rate schedules: stage 1 advances the fake score's schedule once per step, stage 2 both groups'
+on DMD2's iteration clock; the two stages share one schedule per group (the reference runs them as two
+programs, each with its own warmup), so the fake score warms up once, in stage 1, and the generator at
+the start of stage 2.
+
 ``--disback_stage both`` runs stage 1 for ``--degradation_steps`` optimizer steps and stage 2 for the
 rest of ``--max_train_steps``; ``degradation`` or ``backtracking`` run one stage alone (stage 2 reads the
 path from ``--degradation_path``). The stage, the stage-2 start and the target index are in every
@@ -30,7 +35,7 @@ from ..config import ConfigError
 from ..models.bundle import frozen_copy
 from ..models.lora import active_adapter, adapter_params, attach_lora
 from .base import StepOutput, register
-from .dmd2 import DMD2, DMD2Config, phase_of
+from .dmd2 import DMD2, DMD2Config, iteration_of, phase_of
 
 MANIFEST = "path.json"
 STAGES = ("both", "degradation", "backtracking")
@@ -127,6 +132,20 @@ class DisBack(DMD2):
             return "guidance"  # only s_θ′ learns; the generator stays the initial one
         return phase_of(step - self.state.stage2_start, self.mcfg.dfake_gen_update_ratio)
 
+    def schedule_ticks(self, phase, step):
+        # Stage 1 is a loop of fake-score updates (one iteration each); stage 2 is DMD2's loop and clock.
+        if self.state.stage == "degradation":
+            return {"guidance": 1}
+        return super().schedule_ticks(phase, step)
+
+    def schedule_length(self, group):
+        S1 = self.stage1_steps() if self.mcfg.disback_stage != "backtracking" else 0
+        S2 = self.cfg.max_train_steps - S1
+        iters2 = iteration_of(S2 - 1, self.mcfg.dfake_gen_update_ratio) + 1 if S2 > 0 else 0
+        if group == "generator":
+            return max(iters2, 1)
+        return S1 + iters2
+
     # ---- weights of the path ----------------------------------------------------------------
     def _weights(self, adapter: str) -> dict[str, torch.Tensor]:
         """A path point: the fake score's full weights, or its LoRA delta under adapter-free key names."""
@@ -212,7 +231,7 @@ class DisBack(DMD2):
     # ---- export ----------------------------------------------------------------------------
     def export(self, out_dir: Path):
         if self.mcfg.disback_stage == "degradation":
-            return {"scheduler": "LCMScheduler", "num_inference_steps": 1, "guidance_scale": 0.0,
+            return {"scheduler": "LCMScheduler", "num_inference_steps": 1, "guidance_scale": 0.0, "student": False,
                     "guidance_note": f"Stage 1 only: the degradation path is in {self.path_dir} "
                                      f"({len(self.state.path)} points); run --disback_stage backtracking with "
                                      f"--degradation_path {self.path_dir} to train the generator."}

@@ -16,6 +16,13 @@ Two time scales as one phase schedule: per DMD2 iteration the reference updates 
 group, so the flattened sequence is a cycle of r + 1 steps: G at position 0, the fake score at 1..r
 (r fake-score updates per generator update, in the reference's order).
 
+Learning-rate schedules follow the reference's iteration clock: DMD2 steps both groups' schedulers
+once per iteration, whichever networks it updated, so here both advance one tick on every fake-score
+step (each ends an iteration) and none on a generator step (:func:`iteration_of`); a schedule's length
+is the run's number of iterations. The reference's schedulers, prepared by accelerate, step once per
+process each iteration (its warmup lasts ``warmup_step`` / number of GPUs iterations, as its comment
+says); here the warmup lasts ``--lr_warmup_steps`` iterations whatever the number of processes.
+
 Memory-lean option: ``--fake_score_lora_rank`` makes the fake score a LoRA over the frozen teacher's
 own weights; the real score is the same UNet with adapters disabled, so only two UNets sit in memory
 (teacher + generator) instead of three.
@@ -64,6 +71,15 @@ def dm_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor):
 def phase_of(step: int, ratio: int) -> str:
     """The two time-scale schedule: a cycle of ``ratio + 1`` steps, the generator at position 0."""
     return "generator" if step % (ratio + 1) == 0 else "guidance"
+
+
+def iteration_of(step: int, ratio: int) -> int:
+    """The reference iteration an optimizer step of the cycle belongs to. DMD2's iteration i updates G
+    when i % ratio == 0, then the fake score once; the cycle of ratio + 1 steps is ratio iterations: the
+    G step at position 0 and the first fake-score step share iteration c·ratio, position p ≥ 1 is
+    iteration c·ratio + p − 1."""
+    c, p = divmod(step, ratio + 1)
+    return c * ratio + max(p - 1, 0)
 
 
 def training_timesteps(num_train_timesteps: int, num_denoising_step: int, conditioning_timestep: int):
@@ -252,6 +268,13 @@ class DMD2(Method):
     def phase(self, step):
         return phase_of(step, self.mcfg.dfake_gen_update_ratio)
 
+    def schedule_ticks(self, phase, step):
+        # An iteration ends with its fake-score update: both schedules advance then (see the module doc).
+        return {} if phase == "generator" else {"generator": 1, "guidance": 1}
+
+    def schedule_length(self, group):
+        return iteration_of(self.cfg.max_train_steps - 1, self.mcfg.dfake_gen_update_ratio) + 1
+
     # ---- networks --------------------------------------------------------------------------
     def _guidance(self) -> FakeScore:
         return self.accelerator.unwrap_model(self.guidance)
@@ -432,6 +455,11 @@ class DMD2(Method):
             return [self.timesteps[0]]
         return None
 
+    def trained_steps(self):
+        # LCMScheduler(original_inference_steps=K) runs n <= K steps on a subset of the K training timesteps
+        # (and raises for more); a one-step generator runs one step only.
+        return (1, self.mcfg.num_denoising_step)
+
     def sample(self, prompts, seeds, num_inference_steps, guidance_scale):
         res = self.cfg.resolution
         with self.accelerator.autocast():
@@ -443,9 +471,12 @@ class DMD2(Method):
         K = self.mcfg.num_denoising_step
         export_pipeline(self.bundle, self._gen(), self.scheduler(), out_dir,
                         vae_override=self.cfg.pretrained_vae_model_name_or_path)
-        facts = {"scheduler": "LCMScheduler", "num_inference_steps": K, "guidance_scale": 0.0,
-                 "guidance_note": f"Trained at timesteps {self.timesteps}; guidance is distilled in, sample "
-                                  "with guidance_scale 0 (no CFG batch)."}
+        facts = {"scheduler": "LCMScheduler", "num_inference_steps": K, "valid_steps": self.trained_steps(),
+                 "guidance_scale": 0.0,
+                 "guidance_note": f"Trained at timesteps {self.timesteps}"
+                                  + (f" (fewer steps use a subset of them; LCMScheduler refuses more than {K})"
+                                     if K > 1 else "")
+                                  + "; guidance is distilled in, sample with guidance_scale 0 (no CFG batch)."}
         ts = self.sampling_timesteps(K)
         if ts:
             facts["timesteps"] = ts

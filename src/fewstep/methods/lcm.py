@@ -222,6 +222,11 @@ class LCM(Method):
         # LCM-LoRA bakes guidance in (CFG off at 1.0); the full student embeds w, so 8 = w 7 + 1.
         return 1.0 if self.mcfg.lora else 8.0
 
+    def trained_steps(self):
+        # LCMScheduler(original_inference_steps=M) samples n <= M steps on the M-point skip-step grid, every
+        # point of which the consistency function is trained at.
+        return (1, self.mcfg.num_ddim_timesteps)
+
     def sample(self, prompts, seeds, num_inference_steps, guidance_scale):
         unet = self.accelerator.unwrap_model(self.student)
         if guidance_scale is None:
@@ -237,7 +242,8 @@ class LCM(Method):
         if self.mcfg.lora:
             save_lora(unet, out_dir, self.bundle.pipeline_cls, self.bundle.root)
             self.scheduler().save_pretrained(Path(out_dir) / "scheduler")
-            return {"scheduler": "LCMScheduler", "num_inference_steps": 4, "guidance_scale": gs, "lora": True,
+            return {"scheduler": "LCMScheduler", "num_inference_steps": 4, "valid_steps": self.trained_steps(),
+                    "guidance_scale": gs, "lora": True,
                     "guidance_note": f"LCM-LoRA: guidance was baked in at w in [{self.mcfg.w_min}, {self.mcfg.w_max}]; "
                                      "sample with guidance_scale 1 (no CFG) to 2."}
         export_pipeline(self.bundle, unet, self.scheduler(), out_dir,
@@ -245,6 +251,7 @@ class LCM(Method):
         return {
             "scheduler": "LCMScheduler",
             "num_inference_steps": 4,
+            "valid_steps": self.trained_steps(),
             "guidance_scale": gs,
             "guidance_note": "The UNet embeds the guidance scale (time_cond_proj_dim) and runs no CFG batch; "
                              f"it was trained on guidance_scale = w + 1 for w in [{self.mcfg.w_min}, {self.mcfg.w_max}].",

@@ -202,6 +202,7 @@ class Teacher(Method):
     def export(self, out_dir: Path):
         from diffusers import DDIMScheduler
 
+        from ..export import upcast_half_weights
         from ..testing import save_sd_pipeline
 
         self.bundle.vae.register_to_config(scaling_factor=float(self.scale.value))
@@ -209,6 +210,10 @@ class Teacher(Method):
         parts = dict(tokenizer=b.tokenizer, text_encoder=b.text_encoder, vae=b.vae, unet=self._denoiser(),
                      scheduler=DDIMScheduler.from_config(b.scheduler_config))
         save_sd_pipeline(out_dir, parts)
+        # The text encoder ran (frozen) in the mixed-precision dtype; stored in fp32 the folder loads in one
+        # dtype in vanilla diffusers (see upcast_half_weights).
+        upcast_half_weights(Path(out_dir) / "text_encoder")
         return {"scheduler": "DDIMScheduler", "num_inference_steps": self.mcfg.teacher_inference_steps,
-                "guidance_scale": self.mcfg.teacher_guidance_scale,
+                "valid_steps": (1, b.schedule.num_train_timesteps), "guidance_scale": self.mcfg.teacher_guidance_scale,
+                "title": "Text-to-image teacher trained from scratch with fewstep",
                 "guidance_note": "A teacher: sample it with many steps and classifier-free guidance."}

@@ -158,3 +158,39 @@ def test_cards_say_what_the_student_is_trained_for(outputs):
         assert json.loads((out / "fewstep_sampling.json").read_text())["valid_steps"] == valid
         assert f"Trained for {phrase}" in (out / "README.md").read_text()
         assert "1–8 work" not in (out / "README.md").read_text()
+
+
+def test_sample_and_eval_keep_to_the_trained_step_counts(outputs, tmp_path, capsys):
+    """`fewstep sample` refuses a step count the student was not trained for (exit 2, naming the valid
+    ones; diffusers itself would raise deep inside LCMScheduler); `fewstep eval` plans only valid ones."""
+    from fewstep.eval.run import plan_runs
+
+    assert main(["sample", "--model", str(outputs["dmd2"]), "--prompt", PROMPT, "--num_inference_steps", "4",
+                 "--output", str(tmp_path / "x.png")]) == 2
+    assert "trained for exactly 1 step" in capsys.readouterr().err
+    assert main(["sample", "--model", str(outputs["dmd2"]), "--prompt", PROMPT, "--output", str(tmp_path / "y.png")]) == 0
+    runs = plan_runs([("dmd2", str(outputs["dmd2"])), ("lcd", str(outputs["lcm"]))], [1, 2, 4, 8], [25], ["ddim"])
+    assert [(r.label, r.steps) for r in runs] == [("dmd2", 1), ("lcd", 1), ("lcd", 2), ("lcd", 4), ("lcd", 8)]
+
+
+def test_validation_rows_are_the_trained_step_counts(tmp_path):
+    from fewstep.training.trainer import validation_rows
+
+    assert validation_rows([1, 2, 4, 8], None) == [1, 2, 4, 8]
+    assert validation_rows([1, 2, 4, 8], (1, 1)) == [1]  # one-step generator
+    assert validation_rows([1, 2, 4, 8], (1, 4)) == [1, 2, 4]  # K = 4: LCMScheduler refuses 8
+    assert validation_rows([1, 2, 4, 8], (3, 3)) == [3]  # direct distillation at K = 3
+    assert validation_rows([8, 1], (1, 50)) == [8, 1]
+
+
+@pytest.mark.parametrize("kw,rows", [({}, 1), ({"num_denoising_step": 2}, 2)])
+def test_dmd2_validation_grid_shows_only_trained_steps(kw, rows, tiny_teacher, caption_folder, tmp_path):
+    """The grid of a one-step generator has one row (not 1/2/4/8), of a 2-step one two rows."""
+    from PIL import Image
+
+    out = tmp_path / "o"
+    argv = run_args(tiny_teacher, caption_folder, out, method="dmd2", dfake_gen_update_ratio=1,
+                    real_guidance_scale=2.0, max_train_steps=1, validation_steps=1, validation_prompts="a|b", **kw)
+    assert main(["distill", *argv]) == 0
+    grid = np.asarray(Image.open(out / "validation" / "step-0000001.png"))
+    assert grid.shape == (32 * rows, 32 * 2, 3)

@@ -56,7 +56,8 @@ def replay(tr: Trainer, steps: int):
 
 
 def dmd2(tiny_teacher, caption_folder, out, **kw):
-    args = dict(method="dmd2", generator_lr=2e-4, guidance_lr=1e-4, real_guidance_scale=2.0)
+    # (--learning_rate at its default: both groups have their own)
+    args = dict(method="dmd2", generator_lr=2e-4, guidance_lr=1e-4, real_guidance_scale=2.0, learning_rate=1e-6)
     args.update(kw)
     return Trainer(parse_run(run_args(tiny_teacher, caption_folder, out, **args)))
 

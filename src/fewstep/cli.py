@@ -68,6 +68,9 @@ def dry_run(spec) -> int:
         bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
                              vae_path=cfg.pretrained_vae_model_name_or_path, weights=False)
         REGISTRY[cfg.method].check_setup(cfg, spec.method, bundle.family)
+        from .config import check_teacher_settings
+
+        check_teacher_settings(spec, bundle)
         unet = bundle.unet
         if "cross_attention_dim" in unet:
             print(f"teacher: {bundle.root} (family {bundle.family}, UNet in={unet['in_channels']} "

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, micro_conditioning, refuse_changed, teacher_uses
 from ..diffusion.noise import batch_noise
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..export import export_pipeline
@@ -108,16 +108,22 @@ class DMD2Config:
     fake_score_lora_rank: int | None = None  # fake score as a LoRA of this rank over the teacher's weights
     fake_score_lora_alpha: float | None = None  # its LoRA α (default: rank)
     fake_score_lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    gen_cls_loss_weight: float = 0.0  # generator GAN loss softplus(−D(fake)) weight (DMD2: 5e-3)
-    guidance_cls_loss_weight: float = 0.0  # discriminator loss weight (DMD2: 1e-2); needs real images
-    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: alone, it sets the two weights above to DMD2's
+    gen_cls_loss_weight: float | None = None  # generator GAN loss softplus(−D(fake)) weight (default 0; DMD2: 5e-3)
+    guidance_cls_loss_weight: float | None = None  # discriminator loss weight (default 0; DMD2: 1e-2); needs real images
+    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: the two weights above default to DMD2's
     diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
     diffusion_gan_max_timestep: int = 1000
     regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
 
     def __post_init__(self):
-        if self.cls_on_clean_image and self.gen_cls_loss_weight == 0 and self.guidance_cls_loss_weight == 0:
-            self.gen_cls_loss_weight, self.guidance_cls_loss_weight = 5e-3, 1e-2  # DMD2's SD / SDXL values
+        # Each weight not given: DMD2's SDXL value under --cls_on_clean_image, else 0 (no GAN term); so the
+        # switch also completes a recipe that gives only one of them. With both given it changes nothing.
+        self._cls_switch_unused = (self.cls_on_clean_image and self.gen_cls_loss_weight is not None
+                                   and self.guidance_cls_loss_weight is not None)
+        if self.gen_cls_loss_weight is None:
+            self.gen_cls_loss_weight = 5e-3 if self.cls_on_clean_image else 0.0
+        if self.guidance_cls_loss_weight is None:
+            self.guidance_cls_loss_weight = 1e-2 if self.cls_on_clean_image else 0.0
 
     @property
     def gan(self) -> bool:
@@ -145,6 +151,63 @@ class DMD2Config:
             raise ConfigError("loss weights must be >= 0")
         if self.diffusion_gan_max_timestep < 1:
             raise ConfigError("--diffusion_gan_max_timestep must be >= 1")
+        # options that would change nothing with these settings
+        if getattr(self, "_cls_switch_unused", False):
+            raise ConfigError("--cls_on_clean_image has no effect with both --gen_cls_loss_weight and "
+                              "--guidance_cls_loss_weight given (they turn the GAN head on, with those weights): drop it")
+        if self.fake_score_lora_rank is None:
+            refuse_changed(self, ("fake_score_lora_alpha", "fake_score_lora_target_modules"), "without "
+                           "--fake_score_lora_rank (they configure the LoRA fake score): add --fake_score_lora_rank R, "
+                           "or drop them")
+        if self.dm_loss_weight == 0:
+            refuse_changed(self, ("real_guidance_scale", "fake_guidance_scale", "min_step_percent", "max_step_percent"),
+                           "with --dm_loss_weight 0 (they configure the distribution-matching loss): drop them")
+        if not self.gan:
+            refuse_changed(self, ("diffusion_gan", "diffusion_gan_max_timestep"), "without the GAN head: set "
+                           "--gen_cls_loss_weight / --guidance_cls_loss_weight (or --cls_on_clean_image), or drop them")
+        elif not self.diffusion_gan:
+            refuse_changed(self, ("diffusion_gan_max_timestep",), "with --diffusion_gan false: drop it")
+
+    def encodes_images(self, cfg) -> bool:
+        """Whether a step VAE-encodes data images: real latents for K-step inputs, the discriminator's
+        real images, regression targets (a one-step generator alone needs the captions only)."""
+        return not cfg.cache_dir and ((self.num_denoising_step > 1 and not self.backward_simulation)
+                                      or self.guidance_cls_loss_weight > 0 or self.regression_loss_weight > 0)
+
+    def validate_run(self, cfg):
+        if self.generator_lr is not None and self.guidance_lr is not None:
+            refuse_changed(cfg, ("learning_rate",), "with both --generator_lr and --guidance_lr given: drop it")
+        if self.fake_score_lora_rank is not None and cfg.cast_teacher_unet:
+            raise ConfigError("--cast_teacher_unet has no effect with --fake_score_lora_rank: the teacher's weights, "
+                              "the fake score's base, are always held in the mixed-precision dtype; drop it")
+        if self.guidance_cls_loss_weight == 0:
+            refuse_changed(cfg, ("use_fix_crop_and_size",), "for this DMD2 run: the generator is conditioned on the "
+                           "training resolution, only the discriminator's real images (--guidance_cls_loss_weight > "
+                           "0) carry their own size and crop; drop it")
+        if not self.encodes_images(cfg) and not cfg.cache_dir:
+            refuse_changed(cfg, ("vae_encode_batch_size",), "for this DMD2 run, which encodes no image (a one-step "
+                           "generator without the GAN's discriminator or the regression loss needs captions only)")
+        if not cfg.validation_steps:
+            refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["dfake_gen_update_ratio", "generator_lr", "guidance_lr", "num_denoising_step", "dm_loss_weight",
+                "fake_score_lora_rank", "gen_cls_loss_weight", "guidance_cls_loss_weight", "regression_loss_weight",
+                "proportion_empty_prompts"]  # (--cls_on_clean_image acts through the two weights)
+        keys += ["conditioning_timestep"] if self.num_denoising_step == 1 else ["backward_simulation"]
+        keys += (["real_guidance_scale", "fake_guidance_scale", "min_step_percent", "max_step_percent"]
+                 if self.dm_loss_weight > 0 else [])
+        keys += ["fake_score_lora_alpha", "fake_score_lora_target_modules"] if self.fake_score_lora_rank else []
+        keys += ["cast_teacher_unet"] if self.fake_score_lora_rank is None else []
+        keys += ["diffusion_gan"] if self.gan else []
+        keys += ["diffusion_gan_max_timestep"] if self.gan and self.diffusion_gan else []
+        keys += ["learning_rate"] if self.generator_lr is None or self.guidance_lr is None else []
+        keys += ["vae_encode_batch_size"] if self.encodes_images(cfg) else []
+        keys += ["validation_guidance_scale"] if cfg.validation_steps else []
+        if self.guidance_cls_loss_weight > 0 and micro_conditioning(bundle) is not False:
+            keys += ["use_fix_crop_and_size"]  # the discriminator's real images carry their size ids
+        return {**teacher_uses(cfg), **{k: getattr(self if hasattr(self, k) else cfg, k) for k in keys}}
 
 
 class ClassifierHead(torch.nn.Module):

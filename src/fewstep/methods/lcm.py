@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, micro_conditioning, refuse_changed, teacher_uses
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..diffusion.schedule import (
     boundary_scalings,
@@ -100,6 +100,28 @@ class LCMConfig:
             raise ConfigError("--unet_time_cond_proj_dim must be >= 2")
         if self.huber_c <= 0:
             raise ConfigError("--huber_c must be > 0")
+        if self.loss_type != "huber":
+            refuse_changed(self, ("huber_c",), "with --loss_type l2: add --loss_type huber, or drop it")
+        if self.lora:
+            refuse_changed(self, ("unet_time_cond_proj_dim",), "for LCM-LoRA, whose UNet has no guidance "
+                           "embedding (guidance is baked in): drop it, or drop the LoRA options for full-model LCD")
+
+    def validate_run(self, cfg):
+        if self.lora and cfg.cast_teacher_unet:
+            raise ConfigError("--cast_teacher_unet has no effect for LCM-LoRA: its frozen base (the teacher) is always "
+                              "held in the mixed-precision dtype; drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["w_min", "w_max", "num_ddim_timesteps", "loss_type", "timestep_scaling_factor", "ema_decay",
+                "is_lora", "lora_rank", "learning_rate", "proportion_empty_prompts", "validation_guidance_scale"]
+        keys += ["huber_c"] if self.loss_type == "huber" else []
+        keys += ["lora_alpha", "lora_dropout", "lora_target_modules"] if self.lora else ["unet_time_cond_proj_dim"]
+        keys += ["cast_teacher_unet"] if not self.lora else []
+        keys += ["vae_encode_batch_size"] if not cfg.cache_dir else []
+        keys += ["use_fix_crop_and_size"] if micro_conditioning(bundle) is not False else []  # per-image size ids
+        return {**teacher_uses(cfg), **{k: getattr(self if hasattr(self, k) else cfg, k) for k in keys},
+                "lora": self.lora, "rank": self.rank if self.lora else None, "mu": self.mu}
 
 
 @register

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, refuse_changed
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..models.bundle import SDBundle, frozen_copy, weight_dtype_of
 from ..training.ema import ema_update
@@ -55,6 +55,36 @@ class TeacherConfig:
             raise ConfigError("--teacher_ema_decay must be in [0, 1)")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError("--caption_dropout must be in [0, 1)")
+        if self.vae_train_steps == 0:
+            refuse_changed(self, ("vae_learning_rate", "vae_kl_weight"), "with --vae_train_steps 0 (no VAE phase): "
+                           "drop them")
+
+    def validate_run(self, cfg):
+        if self.vae_train_steps >= cfg.max_train_steps:
+            raise ConfigError(f"--vae_train_steps {self.vae_train_steps} leaves no UNet steps in --max_train_steps "
+                              f"{cfg.max_train_steps}: the UNet (and --learning_rate) would never train; raise "
+                              "--max_train_steps")
+        # A teacher is trained from scratch on pixels: the options of a given teacher and of latent data
+        # do not apply.
+        refuse_changed(cfg, ("pretrained_teacher_model", "teacher_revision", "pretrained_vae_model_name_or_path",
+                             "cast_teacher_unet", "cache_dir"),
+                       "for --method teacher, which trains its own VAE and UNet from scratch on images: drop them")
+        refuse_changed(cfg, ("proportion_empty_prompts",), "for --method teacher: its caption dropout is "
+                       "--caption_dropout (default 0.1); use that")
+        refuse_changed(cfg, ("use_fix_crop_and_size",), "for --method teacher: its UNet takes no size or crop "
+                       "conditioning (SD layout); drop it")
+        refuse_changed(cfg, ("vae_encode_batch_size",), "for --method teacher: the whole batch is encoded as the VAE "
+                       "trains on it; drop it")
+        if not cfg.validation_steps:
+            refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["teacher_preset", "prediction_type", "vae_train_steps", "teacher_ema_decay", "caption_dropout",
+                "teacher_guidance_scale", "teacher_inference_steps", "learning_rate"]
+        keys += ["vae_learning_rate", "vae_kl_weight"] if self.vae_train_steps > 0 else []
+        keys += ["validation_guidance_scale"] if cfg.validation_steps else []
+        return {k: getattr(self if hasattr(self, k) else cfg, k) for k in keys}
 
 
 def build_new_bundle(mcfg: TeacherConfig, tokenizer_dir: Path, seed: int) -> SDBundle:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, RunSpec
+from ..config import ConfigError, RunSpec, check_teacher_settings
 from ..data import build_dataset, collate
 from ..export import write_model_card
 from ..methods import REGISTRY
@@ -191,6 +191,7 @@ class Trainer:
         check_compile(cfg, acc.device.type)  # before any weight loads
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
         method_cls.check_setup(cfg, spec.method, getattr(self.bundle, "family", None))  # (a method may hold no bundle)
+        check_teacher_settings(spec, self.bundle)  # options this teacher's family ignores
         if cfg.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401

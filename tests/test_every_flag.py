@@ -73,11 +73,13 @@ TRAIN_BASES = [{}, {"validation_steps": 0}, {"report_to": "none"}, {"lr_schedule
 BASES = {
     "lcm": TRAIN_BASES + [{"lora_rank": 4}, {"lora_rank": 4, "mixed_precision": "bf16"}, {"loss_type": "huber"}],
     "direct": [{}, {"lora_rank": 4}, {"validation_steps": 0}],
-    "dmd2": [{}, {"mixed_precision": "bf16"}, {"fake_score_lora_rank": 4}, {"cls_on_clean_image": True},
+    "dmd2": [{}, {"mixed_precision": "bf16"}, {"fake_score_lora_rank": 4, "mixed_precision": "bf16"},
+             {"cls_on_clean_image": True},
              {"gen_cls_loss_weight": 5e-3, "guidance_cls_loss_weight": 1e-2, "diffusion_gan": False},
              {"num_denoising_step": 4}, {"dm_loss_weight": 0.0, "regression_loss_weight": 1.0},
              {"generator_lr": 1e-5, "guidance_lr": 1e-5}, {"validation_steps": 0}],
     "disback": [{}, {"disback_stage": "degradation"}, {"disback_stage": "degradation", "guidance_lr": 1e-5},
+                {"disback_stage": "degradation", "mixed_precision": "bf16", "fake_score_lora_rank": 4},
                 {"disback_stage": "backtracking", "degradation_path": "p"}],
     "teacher": [{}, {"vae_train_steps": 0}, {"validation_steps": 0}],
 }

@@ -79,6 +79,9 @@ class DisBackConfig(DMD2Config):
         if self.disback_stage != "degradation":
             return super().validate_run(cfg)
         # Stage 1 alone runs no generator update and no GAN: DMD2's checks of those do not apply.
+        if self.fake_score_lora_rank is not None and cfg.cast_teacher_unet:
+            raise ConfigError("--cast_teacher_unet has no effect with --fake_score_lora_rank: the teacher's weights "
+                              "are always held in the mixed-precision dtype; drop it")
         if self.guidance_lr is not None:
             refuse_changed(cfg, ("learning_rate",), "with --disback_stage degradation and --guidance_lr given (only "
                            "the fake score trains): drop it")

@@ -497,8 +497,13 @@ class Trainer:
         Every step ticks, a skipped one too: a schedule is then a function of the step counter alone, as
         in the reference loops, which never skip. The trainer steps the schedulers itself rather than
         through accelerate's wrapper, which would step once per process and only after its own group's
-        optimizer step (a generator schedule must also move on the fake score's steps)."""
+        optimizer step (a generator schedule must also move on the fake score's steps). Under DeepSpeed the
+        engine steps its (single) group's scheduler with each optimizer step itself."""
+        from accelerate.utils.deepspeed import DeepSpeedSchedulerWrapper
+
         for name, n in self.method.schedule_ticks(phase, step).items():
+            if isinstance(self.scheds[name], DeepSpeedSchedulerWrapper):
+                continue
             inner = getattr(self.scheds[name], "scheduler", self.scheds[name])
             for _ in range(n):
                 inner.step()

@@ -23,11 +23,11 @@ from fewstep.export import model_card
 PROMPT = "a handwritten digit seven"
 
 
-def _run(out: Path, **kw) -> Path:
+def _run(data: Path, out: Path, **kw) -> Path:
     args = dict(train_batch_size=2, max_train_steps=2, validation_steps=0, checkpointing_steps=100,
                 report_to="none", center_crop=True)
     args.update(kw)
-    assert main(["distill", *run_args(TEACHER, _run.data, out, **args)]) == 0
+    assert main(["distill", *run_args(TEACHER, data, out, **args)]) == 0
     return out
 
 
@@ -35,17 +35,17 @@ def _run(out: Path, **kw) -> Path:
 def outputs(tmp_path_factory):
     """One tiny run per method from the bundled teacher; {label: output folder}."""
     root = tmp_path_factory.mktemp("cards")
-    _run.data = write_subset_folder(root / "digits", limit=8)
+    digits = write_subset_folder(root / "digits", limit=8)
     from fewstep.generate import generate
 
     direct_data = root / "direct_data"
     generate(str(TEACHER), str(direct_data), [PROMPT, "a handwritten digit one"], teacher_steps=2,
              teacher_guidance_scale=4.0, student_steps=2, student_guidance_scale=1.0, resolution=32, batch_size=2)
     outs = {
-        "lcm": _run(root / "lcm"),
-        "lcm-lora": _run(root / "lcm-lora", lora_rank=4),
-        "dmd2": _run(root / "dmd2", method="dmd2", dfake_gen_update_ratio=1, real_guidance_scale=2.0),
-        "disback": _run(root / "disback", method="disback", dfake_gen_update_ratio=1, real_guidance_scale=2.0,
+        "lcm": _run(digits, root / "lcm"),
+        "lcm-lora": _run(digits, root / "lcm-lora", lora_rank=4),
+        "dmd2": _run(digits, root / "dmd2", method="dmd2", dfake_gen_update_ratio=1, real_guidance_scale=2.0),
+        "disback": _run(digits, root / "disback", method="disback", dfake_gen_update_ratio=1, real_guidance_scale=2.0,
                         degradation_steps=1, degradation_interval=1, interval=1, max_train_steps=3),
     }
     for label, kw in (("direct", {}), ("direct-lora", {"lora_rank": 4})):
@@ -55,7 +55,7 @@ def outputs(tmp_path_factory):
         outs[label] = root / label
     # A teacher trained under bf16: its frozen text encoder ran (and used to be saved) in bf16.
     teacher = root / "teacher"
-    argv = run_args(None, _run.data, teacher, method="teacher", teacher_preset="tiny", vae_train_steps=1,
+    argv = run_args(None, digits, teacher, method="teacher", teacher_preset="tiny", vae_train_steps=1,
                     max_train_steps=2, train_batch_size=2, mixed_precision="bf16", validation_steps=0,
                     report_to="none", teacher_inference_steps=4, learning_rate=1e-3)
     i = argv.index("--pretrained_teacher_model")

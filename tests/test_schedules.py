@@ -18,9 +18,6 @@ from fewstep.config import ConfigError
 from fewstep.methods.dmd2 import iteration_of
 from fewstep.training.trainer import Trainer
 
-# replay() drives the schedules without optimizer steps; torch warns about that order
-pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
-
 
 def f_warmup(i, W):
     """diffusers' constant_with_warmup, written out."""

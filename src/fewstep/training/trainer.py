@@ -499,14 +499,20 @@ class Trainer:
         through accelerate's wrapper, which would step once per process and only after its own group's
         optimizer step (a generator schedule must also move on the fake score's steps). Under DeepSpeed the
         engine steps its (single) group's scheduler with each optimizer step itself."""
+        import warnings
+
         from accelerate.utils.deepspeed import DeepSpeedSchedulerWrapper
 
         for name, n in self.method.schedule_ticks(phase, step).items():
             if isinstance(self.scheds[name], DeepSpeedSchedulerWrapper):
                 continue
             inner = getattr(self.scheds[name], "scheduler", self.scheds[name])
-            for _ in range(n):
-                inner.step()
+            with warnings.catch_warnings():
+                # torch warns when a schedule moves before its optimizer's first step in this process (a
+                # skipped first step, a group not yet updated since a resume): intended here, see above.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                for _ in range(n):
+                    inner.step()
 
     def _skip_decision(self, loss_bad: torch.Tensor, gn, logs_t: dict[str, torch.Tensor]):
         """(skip?, cause, grad norm) from ONE device-to-host transfer, agreed by all ranks.

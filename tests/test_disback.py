@@ -21,6 +21,10 @@ def disback_args(teacher, data, out, **kw):
     args = dict(method="disback", dfake_gen_update_ratio=1, learning_rate=1e-3, real_guidance_scale=2.0,
                 degradation_steps=3, degradation_interval=1, interval=1, max_train_steps=6)
     args.update(kw)
+    # the defaults a single stage does not use (it refuses them as options that change nothing)
+    unused = {"degradation": ("degradation_steps", "interval", "dfake_gen_update_ratio", "real_guidance_scale"),
+              "backtracking": ("degradation_steps", "degradation_interval")}.get(args.get("disback_stage"), ())
+    args = {k: v for k, v in args.items() if k in kw or k not in unused}
     return run_args(teacher, data, out, **args)
 
 

@@ -67,6 +67,9 @@ def dry_run(spec) -> int:
         check_cache(cfg)  # the cache was made for this teacher and transform
     light = spec.method_cls.preflight(cfg, spec.method)  # the teacher's configs, checked against the settings
     if light is not None:
+        from .config import check_teacher_settings
+
+        check_teacher_settings(spec, light)
         print(f"teacher: {light.describe()}")
     import torch
 
@@ -162,6 +165,12 @@ def cmd_sample(argv: list[str]) -> int:
         cls = getattr(diffusers, bundle.scheduler_config.get("_class_name", "DDPMScheduler"))
         sched = cls.from_config(bundle.scheduler_config)
     steps = a.num_inference_steps or hints.get("num_inference_steps", 4)
+    lo, hi = hints.get("valid_steps", (1, steps))
+    if not a.scheduler and not lo <= steps <= hi:
+        from .export import steps_phrase
+
+        raise ConfigError(f"--num_inference_steps {steps}: {a.model} is trained for {steps_phrase((lo, hi))} "
+                          f"(its fewstep_sampling.json); pick one of those, or another --scheduler to experiment")
     gs = a.guidance_scale if a.guidance_scale is not None else hints.get("guidance_scale", 1.0)
     res = a.resolution or bundle.default_resolution
     # Training timesteps the scheduler's own grid cannot express (a one-step generator at t = 399)

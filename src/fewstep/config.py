@@ -70,8 +70,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 1000  # optimizer steps
     learning_rate: float = 1e-6
-    lr_scheduler: str = "constant"  # any diffusers scheduler name: constant, cosine, linear, ...
-    lr_warmup_steps: int = 500
+    lr_scheduler: str = "constant"  # diffusers schedule: constant, constant_with_warmup, cosine, linear, ...
+    lr_warmup_steps: int | None = None  # linear warmup in iterations (default: 500, or 0 with constant)
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -260,7 +260,87 @@ def resolve(raw: dict[str, Any], methods: dict[str, type], base: type = TrainCon
         check = getattr(obj, "validate", None)
         if check:
             check()
+    cross = getattr(spec.method, "validate_run", None)  # the method's checks that read common keys too
+    if cross:
+        cross(spec.train)
     return spec
+
+
+# ---- every option does something ---------------------------------------------------------------
+# A key that changes nothing in a run is refused (with what would make it apply), never silently
+# ignored. The checks are written out where each key is validated; ``used_settings`` lists what a run
+# uses, and tests/test_every_flag.py holds every key × method to "changes the used settings or is
+# refused".
+
+
+def changed(obj, *keys: str) -> list[str]:
+    """The given keys of a config dataclass whose value differs from its default (as a default instance
+    resolves it: ``__post_init__`` may fill in defaults that depend on other keys)."""
+    default = type(obj)()
+    return [k for k in keys if getattr(obj, k) != getattr(default, k)]
+
+
+def refuse_changed(obj, keys, why: str) -> None:
+    """ConfigError naming every key of ``keys`` that was set although, as ``why`` says, it has no effect."""
+    bad = changed(obj, *keys)
+    if bad:
+        raise ConfigError(f"--{', --'.join(bad)} {'has' if len(bad) == 1 else 'have'} no effect {why}")
+
+
+def micro_conditioning(bundle) -> bool | None:
+    """Whether the teacher's family takes image size and crop conditioning (SDXL's time ids): a
+    capability of the model bundle; None while the teacher is not known."""
+    if bundle is None:
+        return None
+    return bool(bundle.micro_conditioning)
+
+
+def check_teacher_settings(spec: RunSpec, bundle) -> None:
+    """The refusals that need the teacher's family (run by --dry_run and the trainer once it is known)."""
+    if spec.train.use_fix_crop_and_size and micro_conditioning(bundle) is False:
+        raise ConfigError("--use_fix_crop_and_size sets SDXL's size and crop time ids, and this teacher's denoiser "
+                          "takes none (no micro-conditioning): drop it")
+
+
+def train_uses(c: TrainConfig) -> dict[str, Any]:
+    """The common keys the trainer, the data pipeline and the optimizer use for these settings (keys
+    whose use depends on the method are added by the method config's ``uses``)."""
+    keys = ["method", "output_dir", "seed", "dry_run", "resolution", "center_crop", "random_flip",
+            "interpolation_type", "max_train_samples", "dataloader_num_workers", "max_bad_fraction",
+            "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lr_scheduler", "use_8bit_adam",
+            "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "mixed_precision",
+            "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "torch_compile", "report_to",
+            "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "validation_steps",
+            "max_nan_steps",
+            # the machine decides what these do (CUDA only), not other options
+            "allow_tf32", "cudnn_benchmark", "channels_last"]
+    keys += [k for k in ("train_data_dir", "train_shards_path_or_url", "dataset_name", "file_list", "cache_dir")
+             if getattr(c, k)]
+    keys += ["data_resampling"] if (c.train_shards_path_or_url or c.file_list) else []
+    keys += ["image_column", "caption_column"] if (c.train_data_dir or c.dataset_name) else []
+    keys += ["lr_warmup_steps"] if c.lr_scheduler != "constant" else []
+    keys += ["torch_compile_mode", "torch_compile_backend"] if c.torch_compile else []
+    keys += ["adam_impl"] if not c.use_8bit_adam else []
+    keys += ["logging_dir"] if c.report_to != "none" else []
+    keys += ["validation_prompts", "validation_inference_steps"] if c.validation_steps else []
+    return {k: getattr(c, k) for k in keys}
+
+
+def teacher_uses(c: TrainConfig) -> dict[str, Any]:
+    """The keys of a method that loads a teacher folder."""
+    keys = ["pretrained_teacher_model", "pretrained_vae_model_name_or_path"]
+    keys += ["teacher_revision"] if not _is_local(c.pretrained_teacher_model) else []
+    return {k: getattr(c, k) for k in keys}
+
+
+def used_settings(spec: RunSpec, bundle=None) -> dict[str, Any]:
+    """Every key this run uses, with its value: the trainer's (:func:`train_uses`) and the method's
+    (``Config.uses(train, bundle)``, which adds keys only some methods, settings or teacher families use)."""
+    return {**train_uses(spec.train), **spec.method.uses(spec.train, bundle)}
+
+
+def _is_local(path: str | None) -> bool:
+    return bool(path) and Path(path).expanduser().exists()
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -311,6 +391,26 @@ def validate_train(c: TrainConfig) -> None:
     need(not (c.use_8bit_adam and c.adam_impl == "fused"),
          "--adam_impl fused and --use_8bit_adam exclude each other: bitsandbytes has its own kernels")
     need(c.max_nan_steps >= 1, "--max_nan_steps must be >= 1")
+    # options that would change nothing with these settings (see "every option does something")
+    if not c.torch_compile:
+        refuse_changed(c, ("torch_compile_mode", "torch_compile_backend"), "without --torch_compile: add it, or drop them")
+    if c.use_8bit_adam:
+        refuse_changed(c, ("adam_impl",), "with --use_8bit_adam, which has its own kernels: drop it")
+    if c.report_to == "none":
+        refuse_changed(c, ("logging_dir",), "with --report_to none (no tracker writes logs): drop it")
+    if not c.validation_steps:
+        refuse_changed(c, ("validation_prompts", "validation_inference_steps"),
+                       "with --validation_steps 0 (no validation): set --validation_steps N, or drop them")
+    if not (c.train_data_dir or c.dataset_name):
+        refuse_changed(c, ("image_column", "caption_column"), "for shards, file lists and caches, which name their "
+                       "own fields: they apply to --train_data_dir metadata and --dataset_name")
+    if c.cache_dir:
+        refuse_changed(c, ("vae_encode_batch_size",), "with --cache_dir: the latents are cached, nothing is encoded")
+    need(not c.cast_teacher_unet or c.mixed_precision != "no",
+         "--cast_teacher_unet casts the frozen teacher to the mixed-precision dtype, and --mixed_precision is no: "
+         "add --mixed_precision fp16 or bf16, or drop --cast_teacher_unet")
+    need(not (c.teacher_revision and _is_local(c.pretrained_teacher_model)),
+         f"--teacher_revision selects a hub revision, and {c.pretrained_teacher_model} is a local folder: drop it")
     need(0 < c.max_bad_fraction <= 1, "--max_bad_fraction must be in (0, 1]")
     sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name, c.file_list, c.cache_dir) if s]
     need(len(sources) <= 1, "give one data source: --train_data_dir, --train_shards_path_or_url, --dataset_name, "
@@ -319,8 +419,17 @@ def validate_train(c: TrainConfig) -> None:
          "--data_resampling applies to streamed data: --train_shards_path_or_url or --file_list")
     from diffusers.optimization import SchedulerType
 
-    names = [s.value for s in SchedulerType]
+    # piecewise_constant needs step rules, which no option gives
+    names = [s.value for s in SchedulerType if s.value != "piecewise_constant"]
     need(c.lr_scheduler in names, f"--lr_scheduler {c.lr_scheduler!r} is not one of {', '.join(names)}")
+    # diffusers' "constant" ignores warmup (lr at full value from step 0): a warmup given with it is refused,
+    # and the default warmup (diffusers' scripts: 500) applies only to schedules that have one.
+    if c.lr_warmup_steps is None:
+        c.lr_warmup_steps = 0 if c.lr_scheduler == "constant" else 500
+    need(c.lr_warmup_steps >= 0, "--lr_warmup_steps must be >= 0")
+    need(c.lr_warmup_steps == 0 or c.lr_scheduler != "constant",
+         f"--lr_warmup_steps {c.lr_warmup_steps} has no effect with --lr_scheduler constant, which has no warmup: "
+         "use --lr_scheduler constant_with_warmup (or drop --lr_warmup_steps)")
 
 
 TrainConfig.validate = validate_train  # type: ignore[attr-defined]

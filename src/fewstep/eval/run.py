@@ -71,7 +71,13 @@ def plan_runs(models: list[tuple[str, str]], steps: list[int], teacher_steps: li
         if hints.get("sampler"):  # a student trained for one sampler at K steps (direct distillation)
             runs.append(EvalRun(label, path, hints["sampler"], int(hints["num_inference_steps"]), gs))
         elif _scheduler_class(path) == "LCMScheduler":
-            runs += [EvalRun(label, path, "lcm", n, gs) for n in steps]
+            # only the step counts the student is trained for (its LCMScheduler refuses more than a K-step
+            # DMD2 generator's K, and a one-step generator has seen no other timestep)
+            lo, hi = hints.get("valid_steps", (1, max(steps)))
+            mine = [n for n in steps if lo <= n <= hi]
+            if not mine:
+                raise ConfigError(f"--model {label}={path} is trained for {lo}–{hi} steps; none of --steps {steps}")
+            runs += [EvalRun(label, path, "lcm", n, gs) for n in mine]
         else:
             runs += [EvalRun(label, path, "ddim", n, gs) for n in teacher_steps]
             runs += [EvalRun(label, path, b, n, gs) for b in baselines for n in steps]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, refuse_changed
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..models.bundle import arch_presets, frozen_copy, new_bundle, weight_dtype_of
 from ..training.ema import ema_update
@@ -63,6 +63,37 @@ class TeacherConfig:
             raise ConfigError("--teacher_ema_decay must be in [0, 1)")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError("--caption_dropout must be in [0, 1)")
+        if self.vae_steps == 0:
+            refuse_changed(self, ("vae_learning_rate", "vae_kl_weight"), "without a VAE phase (--vae_train_steps 0 "
+                           "or --teacher_vae): drop them")
+
+    def validate_run(self, cfg):
+        if self.vae_steps >= cfg.max_train_steps:
+            raise ConfigError(f"--vae_train_steps {self.vae_steps} leaves no denoiser steps in --max_train_steps "
+                              f"{cfg.max_train_steps}: the denoiser (and --learning_rate) would never train; raise "
+                              "--max_train_steps")
+        # A teacher is trained from scratch on pixels: the options of a given teacher and of latent data
+        # do not apply (--teacher_vae is how a trained VAE is reused).
+        refuse_changed(cfg, ("pretrained_teacher_model", "teacher_revision", "pretrained_vae_model_name_or_path",
+                             "cast_teacher_unet", "cache_dir"),
+                       "for --method teacher, which trains its own denoiser from scratch on images (a trained VAE: "
+                       "--teacher_vae): drop them")
+        refuse_changed(cfg, ("proportion_empty_prompts",), "for --method teacher: its caption dropout is "
+                       "--caption_dropout (default 0.1); use that")
+        refuse_changed(cfg, ("use_fix_crop_and_size",), "for --method teacher: its presets take no size or crop "
+                       "conditioning; drop it")
+        refuse_changed(cfg, ("vae_encode_batch_size",), "for --method teacher: the whole batch is encoded as the VAE "
+                       "trains on it; drop it")
+        if not cfg.validation_steps:
+            refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["teacher_preset", "prediction_type", "teacher_vae", "vae_train_steps", "teacher_ema_decay",
+                "caption_dropout", "teacher_guidance_scale", "teacher_inference_steps", "learning_rate"]
+        keys += ["vae_learning_rate", "vae_kl_weight"] if self.vae_steps > 0 else []
+        keys += ["validation_guidance_scale"] if cfg.validation_steps else []
+        return {k: getattr(self if hasattr(self, k) else cfg, k) for k in keys}
 
 
 class VAEObjective(torch.nn.Module):
@@ -187,10 +218,18 @@ class Teacher(Method):
     def export(self, out_dir: Path):
         import diffusers
 
+        from ..export import upcast_half_weights
+
         self.bundle.vae.register_to_config(scaling_factor=float(self.scale.value))
         b = self.bundle
         name = b.scheduler_config["_class_name"]  # the teacher's own sampler (DDIM / flow Euler)
         b.pipeline(self._denoiser(), getattr(diffusers, name).from_config(b.scheduler_config)).save_pretrained(out_dir)
+        # The text encoders ran (frozen) in the mixed-precision dtype; stored in fp32 the folder loads in one
+        # dtype in vanilla diffusers (see upcast_half_weights).
+        for part in b.text_parts:
+            if (Path(out_dir) / part).is_dir():
+                upcast_half_weights(Path(out_dir) / part)
         return {"scheduler": name, "num_inference_steps": self.mcfg.teacher_inference_steps,
-                "guidance_scale": self.mcfg.teacher_guidance_scale,
+                "valid_steps": (1, b.schedule.num_train_timesteps), "guidance_scale": self.mcfg.teacher_guidance_scale,
+                "title": "Text-to-image teacher trained from scratch with fewstep",
                 "guidance_note": "A teacher: sample it with many steps and classifier-free guidance."}

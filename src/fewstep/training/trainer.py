@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, RunSpec
+from ..config import ConfigError, RunSpec, check_teacher_settings
 from ..data import build_dataset, collate
 from ..export import write_model_card
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
@@ -117,6 +117,15 @@ def make_optimizer(cfg, params, lr):
                eps=cfg.adam_epsilon, **kw)
 
 
+def validation_rows(requested: list[int], trained: tuple[int, int] | None) -> list[int]:
+    """The step counts of a validation grid: each requested one clamped into the range the student is
+    trained for (``Method.trained_steps``), duplicates dropped, so no row shows sampling it never saw."""
+    if trained is None:
+        return list(requested)
+    lo, hi = trained
+    return list(dict.fromkeys(min(max(n, lo), hi) for n in requested))
+
+
 def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
     """Rows of (n, 3, H, W) images in [0, 1] → one uint8 HWC grid."""
     strips = [torch.cat(list(r), dim=-1) for r in rows]
@@ -181,9 +190,11 @@ class Trainer:
 
         method_cls = spec.method_cls
         check_compile(cfg, acc.device.type)  # before any weight loads
-        if bundle is None:
-            method_cls.preflight(cfg, spec.method)  # settings × the teacher's configs, before its weights load
+        if bundle is None:  # settings × the teacher's configs, before its weights load
+            check_teacher_settings(spec, method_cls.preflight(cfg, spec.method))
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
+        if bundle is not None:
+            check_teacher_settings(spec, bundle)
         if cfg.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401
@@ -208,10 +219,10 @@ class Trainer:
             params = g.params or [p for p in g.module.parameters() if p.requires_grad]
             self.params[name] = params
             self.opts[name] = make_optimizer(cfg, params, g.lr or cfg.learning_rate)
-            # accelerate steps a prepared scheduler once per process, hence the num_processes factor.
-            self.scheds[name] = get_scheduler(cfg.lr_scheduler, self.opts[name],
-                                              num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
-                                              num_training_steps=cfg.max_train_steps * acc.num_processes)
+            # ---- learning-rate schedules: each group's runs on the clock its method declares
+            # (Method.schedule_ticks / schedule_length, e.g. DMD2's iterations); see _tick_schedules.
+            self.scheds[name] = get_scheduler(cfg.lr_scheduler, self.opts[name], num_warmup_steps=cfg.lr_warmup_steps,
+                                              num_training_steps=self.method.schedule_length(name))
 
         self.dataset = build_dataset(cfg)
         if hasattr(self.dataset, "set_rank"):
@@ -427,7 +438,7 @@ class Trainer:
         """
         cfg, acc, st = self.cfg, self.acc, self.state
         phase = self.method.phase(st.step)
-        module, opt, sched = self.modules[phase], self.opts[phase], self.scheds[phase]
+        module, opt = self.modules[phase], self.opts[phase]
         if len(self.params) > 1:  # only the phase's group builds a graph
             for name, params in self.params.items():
                 for p in params:
@@ -458,13 +469,14 @@ class Trainer:
                     bad, cause, gn = self._skip_decision(loss_bad, gn, logs_t)
                     if not bad:
                         opt.step()
-                        sched.step()
                     elif acc.scaler is not None:
                         # clip_grad_norm_ unscaled the gradients; close the scaler's step so the next
                         # unscale is allowed (found-inf makes it back off its scale, as a skip would).
                         acc.scaler.update()
                 opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {k: v for k, v in self._host_logs.items()}
+        logs[f"lr/{phase}"] = opt.param_groups[0]["lr"]  # the learning rate this step used
+        self._tick_schedules(phase, st.step)
         if gn is not None and not bad:
             logs["grad_norm"] = gn
         if bad:
@@ -483,8 +495,30 @@ class Trainer:
         st.step += 1
         if not bad:
             self.method.after_step(phase, st.step)
-        logs[f"lr/{phase}"] = sched.get_last_lr()[0]
         return {k: v for k, v in logs.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    def _tick_schedules(self, phase: str, step: int) -> None:
+        """Advance each group's learning-rate schedule by the ticks the method declares for this step.
+
+        Every step ticks, a skipped one too: a schedule is then a function of the step counter alone, as
+        in the reference loops, which never skip. The trainer steps the schedulers itself rather than
+        through accelerate's wrapper, which would step once per process and only after its own group's
+        optimizer step (a generator schedule must also move on the fake score's steps). Under DeepSpeed the
+        engine steps its (single) group's scheduler with each optimizer step itself."""
+        import warnings
+
+        from accelerate.utils.deepspeed import DeepSpeedSchedulerWrapper
+
+        for name, n in self.method.schedule_ticks(phase, step).items():
+            if isinstance(self.scheds[name], DeepSpeedSchedulerWrapper):
+                continue
+            inner = getattr(self.scheds[name], "scheduler", self.scheds[name])
+            with warnings.catch_warnings():
+                # torch warns when a schedule moves before its optimizer's first step in this process (a
+                # skipped first step, a group not yet updated since a resume): intended here, see above.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                for _ in range(n):
+                    inner.step()
 
     def _skip_decision(self, loss_bad: torch.Tensor, gn, logs_t: dict[str, torch.Tensor]):
         """(skip?, cause, grad norm) from ONE device-to-host transfer, agreed by all ranks.
@@ -516,10 +550,15 @@ class Trainer:
         cfg = self.cfg
         prompts = cfg.validation_prompts
         seeds = list(range(len(prompts)))
+        steps = validation_rows(cfg.validation_inference_steps, self.method.trained_steps())
+        if steps != list(cfg.validation_inference_steps) and not getattr(self, "_told_rows", False):
+            self._told_rows = True
+            log.info("validation rows at %s steps: the student is trained for %s steps (--validation_inference_steps "
+                     "%s clamped into that range)", steps, "–".join(map(str, sorted(set(self.method.trained_steps())))),
+                     cfg.validation_inference_steps)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # validation never shifts the training RNG
-            rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale)
-                    for n in cfg.validation_inference_steps]
+            rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale) for n in steps]
         grid = image_grid(rows)
         from PIL import Image
 
@@ -534,5 +573,5 @@ class Trainer:
                 import wandb
 
                 tracker.log({"validation": wandb.Image(grid)}, step=self.state.step)
-        log.info("validation grid (rows: %s steps) written to %s", cfg.validation_inference_steps, path)
+        log.info("validation grid (rows: %s steps) written to %s", steps, path)
         self.acc.wait_for_everyone()

@@ -148,7 +148,14 @@ def read_manifest(folder: Path) -> dict | None:
         return None  # format 1: the marker held the step number
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise DamagedCheckpoint(folder, f"{COMPLETE} (its manifest) is not a fewstep manifest")
+    if data.pop("manifest_sha256", None) != _digest(data):
+        raise DamagedCheckpoint(folder, f"{COMPLETE} (its manifest) does not match its own checksum")
     return data
+
+
+def _digest(manifest: dict) -> str:
+    """Checksum of the manifest's own content, so that a changed manifest is named as such."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -359,9 +366,9 @@ def read_state(folder: Path, train_state, objects: dict[str, Any]) -> None:
     doc = json.loads((folder / STATE_JSON).read_text())
     have = doc.get("objects", {})
     missing = [n for n in objects if n not in have]
-    if missing:
-        raise ResumeMismatch(f"--resume_from_checkpoint {folder}: it holds no state for {', '.join(missing)} "
-                             f"(it has: {', '.join(have) or 'none'}); it was written with other settings")
+    if missing:  # an object a newer fewstep added: it starts fresh, the others still resume by name
+        log.warning("%s holds no state for %s (it has: %s): %s from its initial state", folder, ", ".join(missing),
+                    ", ".join(have) or "none", "they start" if len(missing) > 1 else "it starts")
     from contextlib import nullcontext
 
     from safetensors import safe_open
@@ -398,8 +405,29 @@ def load_checkpoint(accelerator, folder: Path, train_state, objects: dict[str, A
     """Load a verified checkpoint into the prepared models, optimizers, schedulers, RNG states (accelerate,
     weights-only) and into fewstep's own state. Errors become messages naming the checkpoint."""
     folder = Path(folder)
+    from accelerate.utils import load as weights_only_load
+
+    # accelerate reads the RNG states inside a try that only logs a failure (a run that quietly stops
+    # being exact): read this rank's file first, with the same weights-only loader, and stop if it fails.
+    rng = folder / f"random_states_{accelerator.process_index}.pkl"
     try:
-        accelerator.load_state(str(folder))
+        weights_only_load(rng)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"--resume_from_checkpoint {folder}: {rng.name} holds objects other than tensors and plain values (a "
+            f"tampered file?); refused without running it: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"--resume_from_checkpoint {folder}: the RNG states {rng.name} cannot be read "
+                              f"({type(e).__name__}: {str(e)[:200]}); an exact resume needs them") from None
+    try:
+        try:
+            accelerator.load_state(str(folder))
+        except RuntimeError as e:
+            # An old-style folder holds accelerate's custom_checkpoint_<i>.pkl, which this run no longer
+            # registers: accelerate checks their number last, after every model, optimizer, scheduler and
+            # RNG state is loaded, and asks to load them manually, which read_state does (weights-only).
+            if (folder / STATE_JSON).is_file() or "Number of custom checkpoints" not in str(e):
+                raise
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"--resume_from_checkpoint {folder}: a file holds objects other than tensors and plain values (a "
@@ -509,7 +537,7 @@ def write_manifest(folder: Path, step: int, info: dict | None = None) -> dict:
     digests = _hash_all([folder / r for r in rels])
     manifest = {"format": FORMAT, "step": step, **(info or {}),
                 "files": {r: {"size": (folder / r).stat().st_size, "sha256": d} for r, d in zip(rels, digests)}}
-    (folder / COMPLETE).write_text(json.dumps(manifest, indent=1) + "\n")
+    (folder / COMPLETE).write_text(json.dumps({**manifest, "manifest_sha256": _digest(manifest)}, indent=1) + "\n")
     return manifest
 
 

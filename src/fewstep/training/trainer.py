@@ -67,6 +67,9 @@ class TrainState:
 
     def load_state_dict(self, d):
         vars(self).update(d)
+        if "good_steps" not in d:  # a checkpoint from before these counters: derived from the others
+            self.good_steps = max(0, self.step - sum(self.nonfinite.values()))
+            self.last_good_step = self.step if self.nan_steps == 0 else 0
 
 
 class StopRequested:
@@ -466,13 +469,13 @@ class Trainer:
 
     def train(self):
         cfg, acc, st = self.cfg, self.acc, self.state
-        self.start()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
-        t_last = time.time()
-        steps_at_start = st.step
-        with self.stop:
+        with self.stop:  # from here a signal means "save at the next step boundary, then exit"
+            self.start()
+            bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
+            t_last = time.time()
+            steps_at_start = st.step
             while st.step < cfg.max_train_steps:
                 try:
                     logs = self.step()

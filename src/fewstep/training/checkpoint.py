@@ -377,7 +377,8 @@ def read_state(folder: Path, train_state, objects: dict[str, Any]) -> None:
     with ctx as tensors:
         train_state.load_state_dict(_from_plain(doc["train"], tensors))
         for name, obj in objects.items():
-            obj.load_state_dict(_from_plain(have[name], tensors))
+            if name in have:
+                obj.load_state_dict(_from_plain(have[name], tensors))
     extra = [n for n in have if n not in objects]
     if extra:
         log.warning("%s holds state for %s, which this run does not use", folder, ", ".join(extra))

@@ -176,24 +176,38 @@ def test_each_corruption_falls_back_or_stops_naming_the_file(kind, how, two_chec
         ck.resolve_resume(out, str(out / "checkpoint-4"))
 
 
-def test_a_flipped_byte_in_the_newest_checkpoint_resumes_from_the_previous_one_exactly(
-        two_checkpoints, tiny_teacher, caption_folder, tmp_path, caplog):
-    """Today's silent case: one byte of model.safetensors flipped, then `latest` gave another model with
-    exit 0. Now the run says so, resumes from checkpoint-2 and ends with the same student."""
+def _resume_after(kind, how, two_checkpoints, teacher, data, tmp_path, caplog) -> None:
+    """Corrupt checkpoint-4 of a copy of the run, then the same command with `latest`: the run names the
+    damage, resumes from checkpoint-2 and ends with the uninterrupted run's student."""
     out = tmp_path / "run"
     shutil.copytree(two_checkpoints, out)
     for p in out.iterdir():
         if not p.name.startswith("checkpoint-"):
             shutil.rmtree(p) if p.is_dir() else p.unlink()  # keep only the checkpoints
-    corrupt(out / "checkpoint-4", "model.safetensors", "flip")
+    corrupt(out / "checkpoint-4", kind, how)
     caplog.set_level(logging.INFO, logger="fewstep")
-    assert main(["distill", *run_args(tiny_teacher, caption_folder, out, max_train_steps=4, checkpointing_steps=2,
+    assert main(["distill", *run_args(teacher, data, out, max_train_steps=4, checkpointing_steps=2,
                                       lr_warmup_steps=2, lr_scheduler="linear", resume_from_checkpoint="latest")]) == 0
-    assert "model.safetensors does not match its SHA-256 checksum" in caplog.text
+    assert f"{out / 'checkpoint-4'} is damaged: " in caplog.text
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
     a = load_file(str(two_checkpoints / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_flipped_byte_in_the_newest_checkpoint_resumes_from_the_previous_one_exactly(
+        two_checkpoints, tiny_teacher, caption_folder, tmp_path, caplog):
+    """Today's silent case: one byte of model.safetensors flipped, then `latest` gave another model with
+    exit 0. Now the run says so, resumes from checkpoint-2 and ends with the same student."""
+    _resume_after("model.safetensors", "flip", two_checkpoints, tiny_teacher, caption_folder, tmp_path, caplog)
+    assert "model.safetensors does not match its SHA-256 checksum" in caplog.text
+
+
+@pytest.mark.slow  # ~4 s each: the figures of docs/RELIABILITY.md (22 trials, 22 resumed, 22 exact)
+@pytest.mark.parametrize("kind,how", CORRUPTIONS)
+def test_every_corruption_then_latest_resumes_exactly(kind, how, two_checkpoints, tiny_teacher, caption_folder,
+                                                      tmp_path, caplog):
+    _resume_after(kind, how, two_checkpoints, tiny_teacher, caption_folder, tmp_path, caplog)
 
 
 def test_a_missing_rng_file_is_an_error_not_a_quiet_loss_of_exactness(two_checkpoints, tiny_teacher, caption_folder,

@@ -445,7 +445,7 @@ def load_checkpoint(accelerator, folder: Path, train_state, objects: dict[str, A
 
 # ---- saving -------------------------------------------------------------------------------------
 
-def _agree(accelerator, ok: bool) -> bool:
+def agree(accelerator, ok: bool) -> bool:
     """True when every rank's ``ok`` is True (one all-reduce; also the barrier of that point)."""
     n = getattr(accelerator, "num_processes", 1)
     if n <= 1:
@@ -565,7 +565,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
                 write_extra(tmp)
     except Exception as e:  # noqa: BLE001 - reported after every rank has agreed
         error = e
-    if _agree(accelerator, error is None) and main:
+    if agree(accelerator, error is None) and main:
         try:
             fault_point("before_marker", step)
             write_manifest(tmp, step, info)
@@ -587,7 +587,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
                 rotate(out_dir, total_limit, step)
             except OSError as e:
                 log.warning("checkpoint rotation in %s failed (%s); older checkpoints were kept", out_dir, e)
-    if _agree(accelerator, error is None):
+    if agree(accelerator, error is None):
         return final
     if not main:
         raise CheckpointError(f"saving checkpoint-{step} failed on another process (see the main process's message)")
@@ -598,10 +598,11 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
         raise CheckpointError(f"saving checkpoint-{step} failed on another process; {tmp} removed")
     prev = list_checkpoints(out_dir)
     intact = f"the previous checkpoint {prev[-1][1]} is intact" if prev else "no earlier checkpoint exists"
+    cap = intact[0].upper() + intact[1:]
     if full:
         raise CheckpointError(
             f"disk full while saving checkpoint-{step}: the partial {tmp} was removed; {mb(free_bytes(out_dir))} "
-            f"free on the file system of {out_dir}, a checkpoint needs about {mb(need)}. {intact}. Free space, "
+            f"free on the file system of {out_dir}, a checkpoint needs about {mb(need)}. {cap}. Free space, "
             "lower --checkpoints_total_limit or choose another --output_dir, then resume with "
             "--resume_from_checkpoint latest") from None
     raise CheckpointError(f"saving checkpoint-{step} failed ({type(error).__name__}: {str(error)[:300]}); the "

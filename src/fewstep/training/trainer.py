@@ -26,6 +26,7 @@ from .checkpoint import (
     TRAINER_RESUME_KEYS,
     CheckpointError,
     ResumeMismatch,
+    agree,
     check_resume_settings,
     checkpoint_bytes,
     load_checkpoint,
@@ -475,7 +476,6 @@ class Trainer:
             self.start()
             bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
             t_last = time.time()
-            steps_at_start = st.step
             while st.step < cfg.max_train_steps:
                 try:
                     logs = self.step()
@@ -507,18 +507,24 @@ class Trainer:
                         print(msg, file=sys.stderr)
                     return None
         bar.close()
-        self._summary(st.step - steps_at_start)
+        self._summary()
         acc.wait_for_everyone()
-        result = None
+        result, error = None, None
         if acc.is_main_process:
-            self.export()
-            result = self.out
-            log.info("student written to %s", self.out)
-        acc.wait_for_everyone()
+            try:
+                self.export()
+                result = self.out
+                log.info("student written to %s", self.out)
+            except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+                error = e
+        if not agree(acc, error is None):  # the other ranks never wait for a main process that failed
+            if error is not None:
+                raise error
+            raise CheckpointError("the export failed on the main process (see its message)")
         acc.end_training()
         return result
 
-    def _summary(self, ran: int) -> None:
+    def _summary(self) -> None:
         st = self.state
         skipped = sum(st.nonfinite.values())
         why = ", ".join(f"non-finite {k}: {n}" for k, n in st.nonfinite.items() if n) or "none"

@@ -5,6 +5,7 @@ codes that tell a preempted run from a finished or failed one (143 / 130, see RE
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,11 +23,31 @@ from fewstep.training import checkpoint as ck
 def _start(args, env_extra=None, torchrun=False):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fewstep", "distill", *args]
+        # --standalone: a free port for the rendezvous (other jobs on the machine may hold the default one)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fewstep",
+               "distill", *args]
     else:
         cmd = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from fewstep.cli import main; "
                                      "sys.exit(main(sys.argv[1:]))", "distill", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A session of its own: a test that gives up can stop the launcher and every worker it started.
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _kill_all(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
+def _finish(proc, timeout=240.0) -> str:
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        _kill_all(proc)
+        raise AssertionError(f"the run did not stop within {timeout:.0f} s") from None
 
 
 def _wait_for(cond, proc, timeout=240.0, what="") -> None:
@@ -36,7 +57,7 @@ def _wait_for(cond, proc, timeout=240.0, what="") -> None:
             out, err = proc.communicate()
             raise AssertionError(f"the run ended (code {proc.returncode}) before {what}: {err[-3000:]}")
         if time.time() - t0 > timeout:
-            proc.kill()
+            _kill_all(proc)
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.005)
 
@@ -87,7 +108,7 @@ def test_two_sigterms_50_ms_apart_save_one_checkpoint_and_exit_143(tiny_teacher,
     p.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=240)
+    err = _finish(p)
     assert p.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "stopped by signal 15" in err
     steps = _intact_checkpoints(out)
@@ -102,7 +123,7 @@ def test_a_second_signal_during_the_save_does_not_lose_it(tiny_teacher, caption_
     p.send_signal(signal.SIGTERM)
     _wait_for(_saving(out), p, what="the save started")
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=240)
+    err = _finish(p)
     assert p.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "a third signal aborts without saving" in err
     assert len(_intact_checkpoints(out)) == 1 and not list(out.glob(".tmp-checkpoint-*"))
@@ -117,7 +138,7 @@ def test_a_third_signal_aborts_and_leaves_no_half_checkpoint(tiny_teacher, capti
     p.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=240)
+    err = _finish(p)
     assert p.returncode == -signal.SIGTERM, err[-3000:]  # died of the signal, as without a handler
     assert "Traceback" not in err
     assert ck.list_checkpoints(out) == []  # nothing half-written under a final name
@@ -163,14 +184,14 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_checkpoint(tiny_teacher,
     try:
         _, err = p.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        p.kill()
+        _kill_all(p)
         raise AssertionError("deadlock: the job did not stop within 180 s of SIGTERM to rank 1") from None
     workers = err.split("failed (exitcode")[0]  # before torchrun's own report (a ChildFailedError traceback)
     assert "Traceback" not in workers, workers[-3000:]
     assert workers.count("stopped by signal 15") == 1  # the main process says it once
-    assert "rank      : 1 (local_rank: 1)\n  exitcode  : 143" in err, err[-3000:]
-    # rank 0 exits 143 too, unless torchrun's own SIGTERM (sent once rank 1 has exited) reaches it first
-    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 143" in err or "Signal 15" in err, err[-3000:]
+    # Both ranks exit 143, or the later one dies of torchrun's own SIGTERM, sent once the first has exited.
+    codes = sorted(int(c) for c in re.findall(r"exitcode\s+:\s*(-?\d+) \(pid", err))
+    assert codes in ([143, 143], [-15, 143]), err[-3000:]
     steps = _intact_checkpoints(out)
     assert len(steps) == 1 and steps[0] >= 1
     assert (out / f"checkpoint-{steps[0]}" / "random_states_1.pkl").is_file()  # both ranks saved

@@ -166,8 +166,8 @@ def check_finite_weights(bundle, *extra_roots) -> None:
         for name, t in module.named_parameters():  # (buffers may hold -inf masks on purpose)
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 n = int((~torch.isfinite(t)).sum())
-                where = _weight_file(name, [Path(getattr(bundle, "root", ".")) / attr, Path(getattr(bundle, "root", ".")),
-                                            *[Path(r) for r in extra_roots if r]])
+                roots = [Path(bundle.root) / attr, Path(bundle.root)] if getattr(bundle, "root", None) else []
+                where = _weight_file(name, [*roots, *[Path(r) for r in extra_roots if r]])
                 raise ConfigError(
                     f"the teacher's {attr} holds {n} non-finite value(s) (NaN/inf) in {name!r}"
                     f"{f', read from {where}' if where else ''}: a damaged or wrongly converted weight file. "

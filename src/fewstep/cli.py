@@ -77,19 +77,25 @@ def dry_run(spec) -> int:
 
     check_compile(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     ds = build_dataset(cfg)
-
-    sample = next(iter(ds)) if isinstance(ds, torch.utils.data.IterableDataset) else ds[0]
-    if "_bad" in sample:
-        raise ConfigError(f"the first data sample is unusable ({sample['_bad']}): {sample['_where']}")
+    for cmd in ds.drop_pipes() if hasattr(ds, "drop_pipes") else []:  # a pipe: shard is a shell command
+        print(f"--dry_run does not run pipe: shards; training would run: {cmd}")
+    sample = None
+    if getattr(ds, "units", None) != []:
+        sample = next(iter(ds)) if isinstance(ds, torch.utils.data.IterableDataset) else ds[0]
+        if "_bad" in sample:
+            raise ConfigError(f"the first data sample is unusable ({sample['_bad']}): {sample['_where']}")
     if hasattr(ds, "__len__") and len(ds) < cfg.train_batch_size:
         # (full batches only: a data set smaller than one batch would yield no step at all)
         raise ConfigError(f"the data has {len(ds)} samples, fewer than one batch (--train_batch_size "
                           f"{cfg.train_batch_size} per process): lower --train_batch_size or add data")
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    first = sample["pixel_values"] if "pixel_values" in sample else sample["cached_moments"]
-    print(f"data: {type(ds).__name__}, first sample {tuple(first.shape)} "
-          f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else ""))
+    if sample is None:
+        print("data: every shard is a pipe: command, so no sample was opened")
+    else:
+        first = sample["pixel_values"] if "pixel_values" in sample else sample["cached_moments"]
+        print(f"data: {type(ds).__name__}, first sample {tuple(first.shape)} "
+              f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else ""))
     print(f"free disk at {cfg.output_dir}: {free / 2**30:.1f} GiB")
     if free < 2**30:
         print("warning: less than 1 GiB free for checkpoints and the exported student", file=sys.stderr)
@@ -114,7 +120,10 @@ def cmd_distill(argv: list[str]) -> int:
         return dry_run(spec)
     from .training.trainer import Trainer
 
-    out = Trainer(spec).train()
+    trainer = Trainer(spec)
+    out = trainer.train()
+    if trainer.stopped_by:  # stopped by SIGTERM / SIGINT after saving: 128 + N, as a shell reports it
+        return 128 + trainer.stopped_by
     if out is not None:
         print(f"student saved in {out}")
     return 0

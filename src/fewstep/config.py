@@ -411,6 +411,36 @@ def validate_train(c: TrainConfig) -> None:
          "add --mixed_precision fp16 or bf16, or drop --cast_teacher_unet")
     need(not (c.teacher_revision and _is_local(c.pretrained_teacher_model)),
          f"--teacher_revision selects a hub revision, and {c.pretrained_teacher_model} is a local folder: drop it")
+    # Values torch, numpy or the loop would only reject with a traceback, at the first step or later.
+    need(c.adam_epsilon >= 0, f"--adam_epsilon must be >= 0 (typically 1e-8), got {c.adam_epsilon}")
+    need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1,
+         f"--adam_beta1 and --adam_beta2 must be in [0, 1) (typically 0.9 and 0.999), got {c.adam_beta1} and "
+         f"{c.adam_beta2}")
+    need(c.adam_weight_decay >= 0, f"--adam_weight_decay must be >= 0 (0 disables it), got {c.adam_weight_decay}")
+    need(0 <= c.seed < 2**32, f"--seed must be in [0, 2**32) (numpy's seed range), got {c.seed}")
+    need(c.max_train_samples is None or c.max_train_samples >= 1,
+         f"--max_train_samples must be >= 1 (leave it unset for all samples), got {c.max_train_samples}")
+    need(c.validation_steps == 0 or (bool(c.validation_prompts) and all(p.strip() for p in c.validation_prompts)),
+         "--validation_prompts needs at least one non-empty prompt (several separated by '|'), or turn "
+         "validation off with --validation_steps 0")
+    need(bool(c.output_dir.strip()), "--output_dir must name a folder (an empty one would write into the "
+         "current directory)")
+    for key in ("pretrained_teacher_model", "train_data_dir", "pretrained_vae_model_name_or_path"):
+        other = getattr(c, key)
+        if other and Path(other).expanduser().exists() and \
+                Path(other).expanduser().resolve() == Path(c.output_dir).expanduser().resolve():
+            raise ConfigError(f"--output_dir {c.output_dir} is the --{key} folder: the run would write its "
+                              "checkpoints and student over it; choose another --output_dir")
+    import importlib.util
+
+    for on, module, extra in ((c.use_8bit_adam, "bitsandbytes", "--use_8bit_adam needs bitsandbytes: pip install "
+                               "'fewstep[8bit]' (CUDA only)"),
+                              (c.report_to == "wandb", "wandb", "--report_to wandb needs wandb: pip install "
+                               "'fewstep[wandb]'"),
+                              (c.enable_xformers_memory_efficient_attention, "xformers",
+                               "--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
+                               "without it PyTorch SDPA is used")):
+        need(not on or importlib.util.find_spec(module) is not None, extra)
     need(0 < c.max_bad_fraction <= 1, "--max_bad_fraction must be in (0, 1]")
     sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name, c.file_list, c.cache_dir) if s]
     need(len(sources) <= 1, "give one data source: --train_data_dir, --train_shards_path_or_url, --dataset_name, "

@@ -41,6 +41,14 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = True  # --pretrained_teacher_model is required
+    # This method's settings that decide which parameters are trained and how the optimizer state is laid
+    # out: a checkpoint written under other values is refused on resume (the trainer adds its own keys).
+    resume_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg) -> list[str]:
+        """Extra lines for the out-of-memory message: this method's own ways to use less memory."""
+        return []
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:

@@ -147,6 +147,12 @@ def _one(values, what: str, option: str):
 class Direct(Method):
     name = "direct"
     Config = DirectConfig
+    resume_keys = ("lora_rank", "lora_target_modules")
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg):
+        on = " (already on)" if mcfg.lora_rank is not None else ""
+        return [f"LoRA: --lora_rank 64{on} (train adapters only; one denoiser in memory)"]
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:

@@ -290,6 +290,12 @@ class _Logits(tuple):
 class DMD2(Method):
     name = "dmd2"
     Config = DMD2Config
+    resume_keys = ("fake_score_lora_rank", "fake_score_lora_target_modules")
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg):
+        on = " (already on)" if mcfg.fake_score_lora_rank is not None else ""
+        return [f"--fake_score_lora_rank 64{on} (the fake score as a LoRA over the teacher: one UNet less)"]
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:

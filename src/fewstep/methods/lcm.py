@@ -88,10 +88,11 @@ class LCMConfig:
             # (otherwise they would be parsed and silently unused by the full-model run)
             raise ConfigError(f"--{', --'.join(given)} configure LoRA adapters: add --lora_rank R for LCM-LoRA, "
                               "or drop them for full-model LCD")
-        if self.num_ddim_timesteps < 1:
-            raise ConfigError("--num_ddim_timesteps must be >= 1")
-        if self.unet_time_cond_proj_dim < 2:
-            raise ConfigError("--unet_time_cond_proj_dim must be >= 2")
+        if self.num_ddim_timesteps < 1 or 1000 % self.num_ddim_timesteps:
+            raise ConfigError("--num_ddim_timesteps must divide the teacher's 1000 training timesteps "
+                              f"(50, 25, 100, ...), got {self.num_ddim_timesteps}")
+        if self.unet_time_cond_proj_dim < 4:  # the sinusoidal embedding needs two frequencies per half
+            raise ConfigError(f"--unet_time_cond_proj_dim must be >= 4 (typically 256), got {self.unet_time_cond_proj_dim}")
         if self.huber_c <= 0:
             raise ConfigError("--huber_c must be > 0")
         if self.loss_type != "huber":
@@ -125,6 +126,11 @@ class LCMConfig:
 class LCM(Method):
     name = "lcm"
     Config = LCMConfig
+    resume_keys = ("is_lora", "lora_rank", "lora_target_modules", "unet_time_cond_proj_dim")
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg):
+        return [f"LoRA: --lora_rank 64{' (already on)' if mcfg.lora else ''} (train adapters only; one UNet in memory)"]
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:

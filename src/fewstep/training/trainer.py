@@ -22,17 +22,27 @@ from ..data import build_dataset, collate
 from ..export import write_model_card
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
 from .checkpoint import (
+    TRAINER_RESUME_KEYS,
+    CheckpointError,
     ResumeMismatch,
+    agree,
     check_resume_settings,
-    fault_point,
-    list_checkpoints,
+    checkpoint_bytes,
+    load_checkpoint,
     recover,
     resolve_resume,
     save_checkpoint,
+    write_state,
 )
 from .speed import check_compile, speed_setup
 
 log = logging.getLogger("fewstep")
+
+
+# Optimizer group settings a restored checkpoint would override, by the option that sets them.
+_HYPER = {"initial_lr": "learning rate (--learning_rate or the method's own)", "betas": "betas (--adam_beta1/2)",
+          "eps": "--adam_epsilon", "weight_decay": "--adam_weight_decay", "fused": "--adam_impl (fused)",
+          "foreach": "--adam_impl (foreach)"}
 
 
 class TrainState:
@@ -42,23 +52,37 @@ class TrainState:
         self.step, self.epoch, self.batch_in_epoch, self.nan_steps, self.skipped = 0, 0, 0, 0, {}
         self.samples_seen, self.bad_example = 0, None
         self.nonfinite = {"loss": 0, "grad": 0}  # skipped steps by cause, over the whole run
+        # Optimizer steps that were not skipped, and the last of them: an export needs at least one, and
+        # "the last good checkpoint" is one written right after such a step.
+        self.good_steps, self.last_good_step = 0, 0
+        # Samples the optimizer steps trained on (all ranks, all micro-batches) and the last step's batch:
+        # the effective batch, which the log shows per step.
+        self.samples_trained, self.last_batch = 0, 0
         # Streamed data: items of the current epoch consumed per rank and loader worker, so a resumed
         # run continues each worker's stream exactly (see data/stream.py).
         self.stream_pos: dict[int, dict[int, int]] = {}
 
     def state_dict(self):
-        fault_point("save_state", self.step)  # tests: a kill after accelerate wrote models and optimizers
         return dict(vars(self))
 
     def load_state_dict(self, d):
         vars(self).update(d)
+        if "good_steps" not in d:  # a checkpoint from before these counters: derived from the others
+            self.good_steps = max(0, self.step - sum(self.nonfinite.values()))
+            self.last_good_step = self.step if self.nan_steps == 0 else 0
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
+    """SIGTERM/SIGINT: the first sets a flag, which the per-step all-reduce carries to every rank; all
+    ranks then save one checkpoint at the same step boundary and exit with 128 + the signal number. A
+    second signal changes nothing (the save it might interrupt is what the user wants kept); a third
+    aborts without saving (the atomic save leaves the previous checkpoint intact)."""
+
+    ABORT_AFTER = 3
 
     def __init__(self):
         self.signum = None
+        self.count = 0
         self._old = {}
 
     def __enter__(self):
@@ -70,10 +94,25 @@ class StopRequested:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
+        self.count += 1
+        if self.count >= self.ABORT_AFTER:
+            # Die of the signal itself, as without a handler: no traceback, no half-written checkpoint
+            # under a final name (a save in progress stays a temporary folder that the next start removes).
+            log.warning("signal %s received a third time: aborting without saving", signum)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.signum is not None:
+            log.warning("signal %s received again: the checkpoint is still written at the end of this step "
+                        "(a third signal aborts without saving)", signum)
+            return
         self.signum = signum
         log.warning("signal %s received: finishing this step, saving a checkpoint, then exiting", signum)
+
+    def code(self) -> tuple[float, float]:
+        """(SIGTERM seen, SIGINT or another signal seen) for the all-reduce."""
+        return (1.0 if self.signum == signal.SIGTERM else 0.0,
+                1.0 if self.signum is not None and self.signum != signal.SIGTERM else 0.0)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -105,7 +144,7 @@ def make_optimizer(cfg, params, lr):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install 'fewstep[8bit]' (CUDA only)") from None
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install 'fewstep[8bit]' (CUDA only)") from None
         cls = bnb.optim.AdamW8bit
         kw = {}
     else:
@@ -124,6 +163,38 @@ def validation_rows(requested: list[int], trained: tuple[int, int] | None) -> li
         return list(requested)
     lo, hi = trained
     return list(dict.fromkeys(min(max(n, lo), hi) for n in requested))
+
+
+def check_finite_weights(bundle, *extra_roots) -> None:
+    """Refuse a teacher with a NaN/inf weight, naming the file it came from: every step of such a run
+    would be skipped (or train towards NaN), so it is caught when the teacher loads, not at step 1."""
+    for attr, module in bundle.modules().items():
+        for name, t in module.named_parameters():  # (buffers may hold -inf masks on purpose)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                n = int((~torch.isfinite(t)).sum())
+                roots = [Path(bundle.root) / attr, Path(bundle.root)] if getattr(bundle, "root", None) else []
+                where = _weight_file(name, [*roots, *[Path(r) for r in extra_roots if r]])
+                raise ConfigError(
+                    f"the teacher's {attr} holds {n} non-finite value(s) (NaN/inf) in {name!r}"
+                    f"{f', read from {where}' if where else ''}: a damaged or wrongly converted weight file. "
+                    "Re-download or re-convert it; training on it would only skip steps or learn NaN")
+
+
+def _weight_file(key: str, roots: list[Path]) -> Path | None:
+    """The weights file under ``roots`` whose tensor ``key`` is not finite (only run on failure)."""
+    from safetensors import safe_open
+
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for f in sorted(root.rglob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    if key in st.keys() and not bool(torch.isfinite(st.get_tensor(key).float()).all()):
+                        return f
+            except Exception:  # noqa: BLE001 - not a readable weights file: look further
+                continue
+    return None
 
 
 def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
@@ -147,7 +218,7 @@ def build_accelerator(cfg, out: Path):
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise SystemExit("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
+            raise ConfigError("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
     acc = Accelerator(
         # On a machine without CUDA, cpu=True lets several processes started by torchrun form a gloo
         # process group (MULTI_CPU); without it each would run alone and all would write OUT.
@@ -188,19 +259,16 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        method_cls = spec.method_cls
+        self.method_cls = method_cls = spec.method_cls
         check_compile(cfg, acc.device.type)  # before any weight loads
         if bundle is None:  # settings × the teacher's configs, before its weights load
             check_teacher_settings(spec, method_cls.preflight(cfg, spec.method))
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
         if bundle is not None:
             check_teacher_settings(spec, bundle)
-        if cfg.enable_xformers_memory_efficient_attention:
-            try:
-                import xformers  # noqa: F401
-            except ImportError:
-                raise SystemExit("--enable_xformers_memory_efficient_attention needs xformers "
-                                 "(pip install xformers); without it PyTorch SDPA is used") from None
+        if method_cls.needs_teacher and bundle is None:
+            check_finite_weights(self.bundle, cfg.pretrained_vae_model_name_or_path)
+        if cfg.enable_xformers_memory_efficient_attention:  # (the package was checked before any model loaded)
             self.bundle.denoiser.enable_xformers_memory_efficient_attention()
 
         # The method moves and casts what it holds frozen; trainables stay fp32 (autocast does the rest).
@@ -225,6 +293,10 @@ class Trainer:
                                               num_training_steps=self.method.schedule_length(name))
 
         self.dataset = build_dataset(cfg)
+        # Bad samples are replaced (map-style) or passed over (streams), so batches keep their size.
+        for flag in ("replace_bad", "carry_bad"):
+            if hasattr(self.dataset, flag):
+                setattr(self.dataset, flag, True)
         if hasattr(self.dataset, "set_rank"):
             self.dataset.set_rank(acc.process_index, acc.num_processes)
         is_map = not isinstance(self.dataset, torch.utils.data.IterableDataset)
@@ -259,9 +331,14 @@ class Trainer:
 
         self.state = TrainState()
         self._host_logs: dict[str, float] = {}
-        acc.register_for_checkpointing(self.state)
-        for obj in self.method.stateful().values():
-            acc.register_for_checkpointing(obj)
+        # fewstep's own state is saved by name as JSON + safetensors (training/checkpoint.py), not through
+        # accelerate's register_for_checkpointing, whose files are pickles read back with full unpickling.
+        self.objects = dict(self.method.stateful())
+        self.stop = StopRequested()
+        self.stopped_by: int | None = None  # the signal that stopped the run (after its checkpoint was saved)
+        self._stop_agreed = 0  # the signal every rank agreed to stop on, from the last step's all-reduce
+        self._saved_step = -1
+        self.last_good_ckpt: Path | None = None
 
     # ---- data --------------------------------------------------------------------------------
     def _epoch_iter(self, skip: int = 0):
@@ -293,7 +370,7 @@ class Trainer:
                 self._it = self._epoch_iter()
                 continue
             st.batch_in_epoch += 1
-            n_items = len(batch["caption"]) + sum(batch["skipped"].values())
+            n_items = batch["positions"]  # data positions this batch consumed (bad samples included)
             st.samples_seen += n_items
             if "worker" in batch:
                 mine = st.stream_pos.setdefault(self.acc.process_index, {})
@@ -321,22 +398,15 @@ class Trainer:
     def start(self) -> None:
         """Resume (if asked), write the resolved config, open trackers and the data stream."""
         cfg, acc, st = self.cfg, self.acc, self.state
-        if acc.is_main_process:  # a run killed in the middle of a save leaves temporary folders
-            for line in recover(self.out):
-                log.warning("checkpoint recovery: %s", line)
-        acc.wait_for_everyone()
-        resume = resolve_resume(self.out, cfg.resume_from_checkpoint)
+        resume = self._resolve_resume()
         if resume:
-            check_resume_settings(resume, self.spec.to_dict())
-            try:
-                acc.load_state(str(resume))
-            except (RuntimeError, KeyError, ValueError) as e:  # shapes or keys of another configuration
-                first = " ".join(str(e).split())[:300] or type(e).__name__  # "hundreds of missing keys" cut short
-                raise ResumeMismatch(
-                    f"--resume_from_checkpoint {resume}: this run's models or optimizers cannot load it ({first}). "
-                    "Was it written with other settings? Resume with the run's settings (see "
-                    f"{resume.parent / 'fewstep_config.yaml'}), or start a new run with another --output_dir") from e
+            check_resume_settings(resume, self.spec.to_dict(), TRAINER_RESUME_KEYS + tuple(self.method_cls.resume_keys))
+            wanted = self._optimizer_settings()
+            load_checkpoint(acc, resume, st, self.objects)
+            self._apply_changed_settings(resume, wanted)
             log.info("resumed from %s at step %d", resume, st.step)
+            if st.good_steps > 0 and st.nan_steps == 0:
+                self.last_good_ckpt = resume
         elif cfg.resume_from_checkpoint:
             log.info("no checkpoint in %s yet: starting from step 0", self.out)
         if acc.is_main_process:
@@ -346,14 +416,77 @@ class Trainer:
             acc.init_trackers("fewstep", config=flat)
         self._it = self._epoch_iter(skip=st.batch_in_epoch)
 
+    def _resolve_resume(self) -> Path | None:
+        """The main process recovers interrupted saves and picks (and verifies) the checkpoint; every
+        rank gets its choice, or its error, so that all resume from the same one or all stop."""
+        acc, cfg = self.acc, self.cfg
+        choice: list = [None, None]
+        if acc.is_main_process:
+            for line in recover(self.out):  # a run killed in the middle of a save leaves temporary folders
+                log.warning("checkpoint recovery: %s", line)
+            try:
+                path, notes = resolve_resume(self.out, cfg.resume_from_checkpoint, acc.num_processes)
+                for line in notes:
+                    log.warning("checkpoint check: %s", line)
+                choice = [str(path) if path else None, None]
+            except CheckpointError as e:
+                choice = [None, (isinstance(e, ConfigError), str(e))]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(choice)  # (our own ranks' strings: pickled between processes, not from disk)
+        path, err = choice
+        if err:
+            bad_input, msg = err
+            raise (ResumeMismatch if bad_input else CheckpointError)(msg)
+        return Path(path) if path else None
+
+    def _optimizer_settings(self) -> dict[str, list[dict]]:
+        """Every optimizer's group settings as this run built them (from its command line)."""
+        return {n: [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.opts[n].param_groups]
+                for n in self.names}
+
+    def _apply_changed_settings(self, resume: Path, wanted: dict[str, list[dict]]) -> None:
+        """A restored optimizer and scheduler carry the settings of the run that saved them (learning
+        rate, betas, ε, weight decay, kernels). This run's command line wins: each value is put back,
+        the scheduler rebased on the new learning rate at the restored position, and every change
+        logged, so that what runs is what ``fewstep_config.yaml`` records."""
+        changed = []
+        for name in self.names:
+            opt = self.opts[name].optimizer if hasattr(self.opts[name], "optimizer") else self.opts[name]
+            sched = getattr(self.scheds[name], "scheduler", self.scheds[name])
+            for g, want in zip(opt.param_groups, wanted[name]):
+                for k, v in want.items():
+                    if g.get(k) != v:
+                        changed.append(f"{name} optimizer {_HYPER.get(k, k)}: {g.get(k)!r} -> {v!r}")
+                        g[k] = v
+            if hasattr(sched, "lr_lambdas") and hasattr(sched, "base_lrs"):
+                sched.base_lrs = [w["initial_lr"] for w in wanted[name]]
+                lrs = [b * f(sched.last_epoch) for b, f in zip(sched.base_lrs, sched.lr_lambdas)]
+                for g, lr in zip(opt.param_groups, lrs):
+                    g["lr"] = lr
+                sched._last_lr = lrs
+        import json
+
+        try:  # settings that need no re-application (schedule shape, clipping, ...): logged, they apply as given
+            old = json.loads((resume / "fewstep_state.json").read_text()).get("config") or {}
+        except (OSError, ValueError):
+            old = {}
+        now = self.spec.to_dict()
+        for k in sorted(set(old) & set(now)):
+            if old[k] != now[k] and k not in ("resume_from_checkpoint", "output_dir", "dry_run"):
+                changed.append(f"--{k}: {old[k]!r} -> {now[k]!r}")
+        for line in changed:
+            log.warning("resumed with a changed setting (applied): %s", line)
+
     def train(self):
         cfg, acc, st = self.cfg, self.acc, self.state
-        self.start()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
-        t_last = time.time()
-        with StopRequested() as stop:
+        with self.stop:  # from here a signal means "save at the next step boundary, then exit"
+            self.start()
+            bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
+            t_last = time.time()
             while st.step < cfg.max_train_steps:
                 try:
                     logs = self.step()
@@ -371,41 +504,71 @@ class Trainer:
                         self.validate()
                     except torch.cuda.OutOfMemoryError as e:
                         raise SystemExit(self._oom_message(e)) from None
-                if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps:
+                if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps or self._stop_agreed:
                     self.save()
-                if stop.signum is not None:
-                    path = self.save()
+                if self._stop_agreed:
+                    self.stopped_by = self._stop_agreed
                     acc.end_training()
-                    msg = (f"stopped by signal {stop.signum} at step {st.step}; state saved in {path}. Resume with "
-                           f"the same command plus --resume_from_checkpoint latest")
+                    where = (f"state saved in {self.out / f'checkpoint-{st.step}'}" if self._saved_step == st.step
+                             else f"no checkpoint written during skipped steps; last good one: "
+                                  f"{self.last_good_ckpt or 'none'}")
+                    msg = (f"stopped by signal {self.stopped_by} at step {st.step}; {where}. Resume with the same "
+                           f"command plus --resume_from_checkpoint latest (exit status {128 + self.stopped_by})")
                     if acc.is_main_process:
                         print(msg, file=sys.stderr)
                     return None
         bar.close()
-        if any(st.nonfinite.values()):
-            log.warning("steps skipped for non-finite values: %s", st.nonfinite)
-        if st.skipped:
-            log.warning("skipped samples by cause: %s", st.skipped)
+        self._summary()
         acc.wait_for_everyone()
-        result = None
+        result, error = None, None
         if acc.is_main_process:
-            facts = self.method.export(self.out)
-            b = self.bundle
-            write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts,
-                             load_args=b.card_load_args() if b is not None else "",
-                             call_kwargs=b.call_kwargs() if b is not None else None)
-            result = self.out
-            log.info("student written to %s", self.out)
+            try:
+                self.export()
+                result = self.out
+                log.info("student written to %s", self.out)
+            except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+                error = e
+        if not agree(acc, error is None):  # the other ranks never wait for a main process that failed
+            if error is not None:
+                raise error
+            raise CheckpointError("the export failed on the main process (see its message)")
         acc.end_training()
         return result
+
+    def _summary(self) -> None:
+        st = self.state
+        skipped = sum(st.nonfinite.values())
+        why = ", ".join(f"non-finite {k}: {n}" for k, n in st.nonfinite.items() if n) or "none"
+        log.info("run summary: %d optimizer steps, %d succeeded, %d skipped (%s); %d samples trained on",
+                 st.step, st.good_steps, skipped, why, st.samples_trained)
+        if st.skipped:
+            log.warning("skipped samples by cause: %s", st.skipped)
+
+    def export(self) -> None:
+        """Write the student, refusing one that no step trained or that holds a non-finite value; the
+        files go to a temporary folder first, so a failure (a full disk) leaves no half-written student."""
+        from ..export import ExportError, atomic_export
+
+        st, cfg = self.state, self.cfg
+        if st.good_steps == 0:
+            raise ExportError(
+                f"not exporting: none of the {st.step} optimizer steps succeeded (skipped for non-finite values: "
+                f"{st.nonfinite}), so the student would be untrained or hold NaN. Likely causes: NaN/inf in the "
+                "teacher or the data, an fp16 VAE (use --mixed_precision bf16), too high --learning_rate. "
+                f"Checkpoints in {self.out} are kept")
+        facts = atomic_export(self.out, self.method.export)
+        b = self.bundle
+        write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts,
+                         load_args=b.card_load_args() if b is not None else "",
+                         call_kwargs=b.call_kwargs() if b is not None else None)
 
     def _oom_message(self, e: Exception) -> str:
         cfg = self.cfg
         on = {"--gradient_checkpointing": cfg.gradient_checkpointing, "--use_8bit_adam": cfg.use_8bit_adam,
-              "--cast_teacher_unet": cfg.cast_teacher_unet,
-              "--lora_rank": bool(getattr(self.spec.method, "lora_rank", 0))}
+              "--cast_teacher_unet": cfg.cast_teacher_unet}
         tag = {k: " (already on)" if v else "" for k, v in on.items()}
-        last = list_checkpoints(self.out)
+        last = self.last_good_ckpt
+        hints = "".join(f"  {h}\n" for h in self.method_cls.memory_hints(cfg, self.spec.method))
         return (f"out of GPU memory at step {self.state.step}: {str(e).splitlines()[0] if str(e) else 'CUDA OOM'}.\n"
                 "Options, cheapest first:\n"
                 f"  --gradient_checkpointing{tag['--gradient_checkpointing']}  (recompute activations in backward)\n"
@@ -414,19 +577,35 @@ class Trainer:
                 "--gradient_accumulation_steps for the same global batch\n"
                 f"  --cast_teacher_unet{tag['--cast_teacher_unet']} with --mixed_precision fp16 or bf16 "
                 f"(now {cfg.mixed_precision}): the frozen teacher in half precision\n"
-                f"  LoRA: --lora_rank 64{tag['--lora_rank']} (train adapters only; one UNet in memory)\n"
-                f"Last complete checkpoint: {last[-1][1] if last else 'none'} "
+                f"{hints}"
+                f"Last complete checkpoint: {last or 'none'} "
                 "(resume with --resume_from_checkpoint latest)")
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         """A checkpoint of everything; streamed-data positions of every rank are gathered first, since
-        the training state is written by the main process only."""
+        the training state is written by the main process only. None while the run is in a streak of
+        skipped steps: the checkpoints must stay ones written after a successful step."""
+        st = self.state
+        if self._saved_step == st.step:
+            return self.out / f"checkpoint-{st.step}"
+        if st.nan_steps > 0 or st.good_steps == 0:
+            log.warning("not writing checkpoint-%d: %s", st.step,
+                        f"the last {st.nan_steps} step(s) were skipped" if st.nan_steps else "no step succeeded yet")
+            return None
         if not self.is_map and self.acc.num_processes > 1:
             from accelerate.utils import gather_object
 
-            mine = self.state.stream_pos.get(self.acc.process_index, {})
-            self.state.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
-        return save_checkpoint(self.acc, self.out, self.state.step, self.cfg.checkpoints_total_limit)
+            mine = st.stream_pos.get(self.acc.process_index, {})
+            st.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
+        config = self.spec.to_dict()
+        path = save_checkpoint(
+            self.acc, self.out, st.step, self.cfg.checkpoints_total_limit,
+            write_extra=lambda folder: write_state(folder, st.state_dict(), self.objects, config),
+            info={"good_steps": st.good_steps, "last_good_step": st.last_good_step},
+            need_bytes=lambda: checkpoint_bytes(self.out, self.acc, self.objects))
+        self._saved_step = st.step
+        self.last_good_ckpt = path
+        return path
 
     def step(self) -> dict[str, float]:
         """One optimizer step of the phase's group (gradient_accumulation_steps micro-batches).
@@ -447,8 +626,10 @@ class Trainer:
         loss_bad = torch.zeros((), device=dev)
         logs_t: dict[str, torch.Tensor] = {}
         bad, cause, gn = False, None, None
+        n_samples = 0
         for _ in range(cfg.gradient_accumulation_steps):
             batch = self._next_batch()
+            n_samples += len(batch["caption"])
             with acc.accumulate(module):
                 # Every network the method runs (frozen teacher and target included) under the mixed-
                 # precision autocast, as the trainable ones already are through accelerate's wrapper.
@@ -466,7 +647,7 @@ class Trainer:
                     # factor is clamped to exactly 1). DeepSpeed clips inside its engine and returns None.
                     gn = acc.clip_grad_norm_(module.parameters(),
                                              cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                    bad, cause, gn = self._skip_decision(loss_bad, gn, logs_t)
+                    bad, cause, gn = self._skip_decision(loss_bad, gn, logs_t, n_samples)
                     if not bad:
                         opt.step()
                     elif acc.scaler is not None:
@@ -479,19 +660,25 @@ class Trainer:
         self._tick_schedules(phase, st.step)
         if gn is not None and not bad:
             logs["grad_norm"] = gn
+        logs["batch_size"] = st.last_batch  # the effective batch: samples of all ranks and micro-batches
         if bad:
             st.nan_steps += 1
             st.nonfinite[cause] = st.nonfinite.get(cause, 0) + 1
             log.warning("non-finite %s at step %d: step skipped (%d in a row)", cause, st.step, st.nan_steps)
             if st.nan_steps >= cfg.max_nan_steps:
-                last = list_checkpoints(self.out)
+                last = (f"{self.last_good_ckpt} (written after step {st.last_good_step}, the last step that succeeded)"
+                        if self.last_good_ckpt else
+                        "none (no checkpoint was written after a successful step" +
+                        ("; no step of this run succeeded)" if st.good_steps == 0 else ")"))
                 raise SystemExit(
                     f"{st.nan_steps} consecutive steps with a non-finite loss or gradient: stopping. Likely causes: an fp16 VAE "
                     "(use --mixed_precision bf16 or an fp16-safe --pretrained_vae_model_name_or_path), too high "
-                    "--learning_rate, or bad data. Last good checkpoint: "
-                    f"{last[-1][1] if last else 'none'}")
+                    f"--learning_rate, or bad data. Last good checkpoint: {last}")
         else:
             st.nan_steps = 0
+            st.good_steps += 1
+            st.last_good_step = st.step + 1
+            st.samples_trained += st.last_batch
         st.step += 1
         if not bad:
             self.method.after_step(phase, st.step)
@@ -520,21 +707,28 @@ class Trainer:
                 for _ in range(n):
                     inner.step()
 
-    def _skip_decision(self, loss_bad: torch.Tensor, gn, logs_t: dict[str, torch.Tensor]):
+    def _skip_decision(self, loss_bad: torch.Tensor, gn, logs_t: dict[str, torch.Tensor], n_samples: int = 0):
         """(skip?, cause, grad norm) from ONE device-to-host transfer, agreed by all ranks.
 
         A non-finite loss on any rank skips the step. A non-finite gradient norm skips it too, except
-        under an fp16 GradScaler, whose own step skip and scale backoff handle overflow."""
+        under an fp16 GradScaler, whose own step skip and scale backoff handle overflow. The same
+        all-reduce carries a stop request (a signal received by any rank) and the step's sample count:
+        every rank decides to stop after the same step, so none waits in a collective for the others."""
         acc = self.acc
         gn_t = torch.full((), float("nan"), device=acc.device) if gn is None else torch.as_tensor(gn).float().to(acc.device)
         grad_bad = (~torch.isfinite(gn_t)).float() if (gn is not None and acc.scaler is None) else torch.zeros_like(gn_t)
-        flags = torch.stack([loss_bad.reshape(()), grad_bad.reshape(())])
+        term, other = self.stop.code()  # read once: a signal arriving later is carried by the next step
+        extra = torch.tensor([term, other, float(n_samples)], device=acc.device)
+        flags = torch.cat([torch.stack([loss_bad.reshape(()), grad_bad.reshape(())]), extra])
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
         keys = list(logs_t)
         host = torch.cat([flags, gn_t.reshape(1), *[logs_t[k].reshape(1) for k in keys]]).tolist()
-        self._host_logs = dict(zip(keys, host[3:]))
-        loss_bad_n, grad_bad_n, gn_v = host[:3]
+        self._host_logs = dict(zip(keys, host[6:]))
+        loss_bad_n, grad_bad_n, term_n, other_n, samples_n, gn_v = host[:6]
+        self.state.last_batch = int(samples_n)
+        if term_n > 0 or other_n > 0:
+            self._stop_agreed = signal.SIGTERM if term_n > 0 else (self.stop.signum or signal.SIGINT)
         if loss_bad_n > 0:
             return True, "loss", None
         if grad_bad_n > 0:

@@ -217,7 +217,8 @@ def test_every_bad_value_exits_2_naming_the_key_before_a_model_loads(tiny_teache
         raise AssertionError("a model was loaded before the settings were checked")
 
     monkeypatch.setattr(bundle, "load_bundle", no_model)
-    monkeypatch.setattr(bundle.SDBundle, "load", classmethod(no_model))
+    for cls in bundle.family_classes():
+        monkeypatch.setattr(cls, "load", classmethod(no_model))
     results = {}
     for key, value in _bad_values(tiny_teacher, caption_folder):
         argv = run_args(tiny_teacher, caption_folder, tmp_path / "o", validation_steps=1, max_train_steps=2)

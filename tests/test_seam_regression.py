@@ -66,7 +66,9 @@ RECORDED = {
     "sdxl/lcm-lora": [0.0023270882666110992, 0.014996953308582306, 0.006426490843296051],
     "sdxl/dmd2-gan-lora": [0.003924564458429813, 0.9845520853996277, 0.004328472539782524],
     "sd3/direct": [0.010328525677323341, 0.019489014521241188, 0.006723739206790924],
-    "teacher": [0.2646254301071167, 1.0340772867202759, 1.017746090888977],
+    # re-recorded: the teacher method's latents are now contiguous (torch.randn_like drew other noise for the
+    # channels-last latents the CPU VAE returns; found when its cached and on-the-fly losses differed)
+    "teacher": [0.2646254301071167, 1.1519896984100342, 1.0505263805389404],
 }
 
 

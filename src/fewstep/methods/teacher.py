@@ -74,8 +74,11 @@ class TeacherConfig:
                               "--max_train_steps")
         # A teacher is trained from scratch on pixels: the options of a given teacher and of latent data
         # do not apply (--teacher_vae is how a trained VAE is reused).
+        if cfg.cache_dir and not self.teacher_vae:
+            raise ConfigError("--cache_dir holds the latents of a trained VAE: give the teacher folder that made the "
+                              "cache as --teacher_vae (the VAE is then reused), or train from images")
         refuse_changed(cfg, ("pretrained_teacher_model", "teacher_revision", "pretrained_vae_model_name_or_path",
-                             "cast_teacher_unet", "cache_dir"),
+                             "cast_teacher_unet"),
                        "for --method teacher, which trains its own denoiser from scratch on images (a trained VAE: "
                        "--teacher_vae): drop them")
         refuse_changed(cfg, ("proportion_empty_prompts",), "for --method teacher: its caption dropout is "
@@ -124,6 +127,10 @@ class Teacher(Method):
 
     @classmethod
     def make_bundle(cls, cfg, mcfg):
+        if cfg.cache_dir:  # latents of the reused VAE, made with `fewstep cache --pretrained_teacher_model <it>`
+            from ..data.cache import check_cache
+
+            check_cache(cfg, mcfg.teacher_vae, "teacher_vae")
         return new_bundle(mcfg.teacher_preset, Path(cfg.output_dir) / "tokenizer", cfg.seed, mcfg.prediction_type,
                           vae_from=mcfg.teacher_vae)
 
@@ -171,18 +178,25 @@ class Teacher(Method):
         return "vae" if step < self.mcfg.vae_steps else "unet"
 
     def loss(self, phase, batch, step):
-        x = batch["pixel_values"].to(self.accelerator.device)
         if phase == "vae":
+            x = batch["pixel_values"].to(self.accelerator.device)
             rec, kl = self.vae(x)
             recon = F.mse_loss(rec.float(), x.float())
             kl = kl.mean() / x[0].numel()
             loss = recon + self.mcfg.vae_kl_weight * kl
             return StepOutput(loss, {"loss": loss.detach(), "vae/recon_mse": recon.detach(), "vae/kl": kl.detach()})
-        if float(self.scale.value) == 0.0:
-            self._measure_scale(x)
         sch = self.bundle.schedule
-        with torch.no_grad():
-            x0 = self.bundle.vae.encode(x.to(self.bundle.vae.dtype)).latent_dist.sample().float() * self.scale.value
+        if "cached_moments" in batch:  # a reused VAE's posterior from `fewstep cache`, scaled as below
+            x0 = self.bundle.latents_from_moments(batch["cached_moments"])
+        else:
+            x = batch["pixel_values"].to(self.accelerator.device)
+            if float(self.scale.value) == 0.0:
+                self._measure_scale(x)
+            with torch.no_grad():
+                # contiguous: the CPU VAE returns channels-last latents, and torch.randn_like would then draw
+                # other noise than for the same latents from a cache (as in ModelBundle.encode_images)
+                x0 = self.bundle.vae.encode(x.to(self.bundle.vae.dtype)).latent_dist.sample().float().contiguous() \
+                    * self.scale.value
         captions = list(batch["caption"])
         drop = torch.rand(len(captions)) < self.mcfg.caption_dropout
         cond = self.bundle.encode_text(["" if d else c for c, d in zip(captions, drop.tolist())])

@@ -358,6 +358,13 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+def installed(module: str) -> bool:
+    """Whether an optional package can be imported (checked before any model loads)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def validate_train(c: TrainConfig) -> None:
     """Checks that need no model or file: every bad value is reported before anything loads."""
 
@@ -431,8 +438,6 @@ def validate_train(c: TrainConfig) -> None:
                 Path(other).expanduser().resolve() == Path(c.output_dir).expanduser().resolve():
             raise ConfigError(f"--output_dir {c.output_dir} is the --{key} folder: the run would write its "
                               "checkpoints and student over it; choose another --output_dir")
-    import importlib.util
-
     for on, module, extra in ((c.use_8bit_adam, "bitsandbytes", "--use_8bit_adam needs bitsandbytes: pip install "
                                "'fewstep[8bit]' (CUDA only)"),
                               (c.report_to == "wandb", "wandb", "--report_to wandb needs wandb: pip install "
@@ -440,7 +445,7 @@ def validate_train(c: TrainConfig) -> None:
                               (c.enable_xformers_memory_efficient_attention, "xformers",
                                "--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
                                "without it PyTorch SDPA is used")):
-        need(not on or importlib.util.find_spec(module) is not None, extra)
+        need(not on or installed(module), extra)
     need(0 < c.max_bad_fraction <= 1, "--max_bad_fraction must be in (0, 1]")
     sources = [s for s in (c.train_data_dir, c.train_shards_path_or_url, c.dataset_name, c.file_list, c.cache_dir) if s]
     need(len(sources) <= 1, "give one data source: --train_data_dir, --train_shards_path_or_url, --dataset_name, "

@@ -148,6 +148,7 @@ def _one(values, what: str, option: str):
 class Direct(Method):
     name = "direct"
     Config = DirectConfig
+    task_names = ("direct_distill",)  # DiffSynth-Studio's --task for this method
 
     @classmethod
     def check_setup(cls, cfg, mcfg, family: str) -> None:

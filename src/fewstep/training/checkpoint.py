@@ -31,6 +31,7 @@ from pathlib import Path
 from ..config import ConfigError
 
 COMPLETE = "fewstep_complete"  # marker written last inside the temporary folder
+RUN_ID = "fewstep_run_id"  # which run wrote the checkpoint: rotation only removes the current run's
 _PAT = re.compile(r"^checkpoint-(\d+)$")
 FAULT_ENV = "FEWSTEP_TEST_FAULT"
 
@@ -107,8 +108,66 @@ def resolve_resume(out_dir: Path, spec: str | None) -> Path | None:
     return p
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | None) -> Path:
-    """Save to ``.tmp-checkpoint-<step>``, then rename; rotate older complete checkpoints."""
+def run_id_of(ckpt: Path) -> str:
+    """The id of the run that wrote ``ckpt`` ("" for checkpoints of fewstep versions without ids)."""
+    p = Path(ckpt) / RUN_ID
+    return p.read_text().strip() if p.is_file() else ""
+
+
+def previous_run(out_dir: Path) -> str | None:
+    """What another run left in ``out_dir`` that a new run would clobber: its checkpoints (complete or not)
+    and its exported student. None when there is nothing of the kind."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    what = [p.name for _, p in list_checkpoints(out_dir)]
+    what += [p.name for p in sorted(out_dir.glob(".tmp-checkpoint-*"))]
+    exported = [n for n in EXPORT_MARKERS if (out_dir / n).exists()]
+    if exported:
+        what.append("an exported student (" + ", ".join(exported) + ")")
+    return ", ".join(what) or None
+
+
+# Files every fewstep export writes (the pipeline index, or the LoRA weights; the sampling hints of the card).
+EXPORT_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors", "fewstep_sampling.json")
+
+
+def clear_previous_run(out_dir: Path) -> list[str]:
+    """``--overwrite_output_dir``: delete the previous run's checkpoints and exported student (the folders its
+    model_index.json names, the LoRA files, the card, the sampling hints and resolved config), so that
+    neither a later ``latest`` resume nor a loader can pick up the old run. Other files stay."""
+    import json
+
+    out_dir = Path(out_dir)
+    gone = []
+    victims = [p for _, p in list_checkpoints(out_dir)]
+    victims += [p for pre in (".tmp-", ".old-", ".trash-") for p in out_dir.glob(pre + "checkpoint-*")]
+    index = out_dir / "model_index.json"
+    if index.is_file():
+        try:
+            parts = [k for k in json.loads(index.read_text()) if not k.startswith("_")]
+        except (ValueError, AttributeError):
+            parts = []
+        victims += [out_dir / k for k in parts if (out_dir / k).is_dir()]
+    victims += [out_dir / "scheduler"] + list(out_dir.glob("pytorch_lora_weights*.safetensors"))
+    victims += [out_dir / n for n in ("model_index.json", "fewstep_sampling.json", "fewstep_lora.json",
+                                      "fewstep_config.yaml")]
+    card = out_dir / "README.md"
+    if card.is_file() and "fewstep" in card.read_text(errors="replace")[:400]:
+        victims.append(card)
+    for p in victims:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+        elif p.exists():
+            p.unlink()
+            gone.append(p.name)
+    return gone
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | None, run_id: str | None = None) -> Path:
+    """Save to ``.tmp-checkpoint-<step>``, then rename; rotate older complete checkpoints of the same run
+    (``run_id``; None: every complete checkpoint in the folder counts)."""
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
@@ -120,6 +179,8 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             fault_point("before_marker", step)
+            if run_id is not None:
+                (tmp / RUN_ID).write_text(run_id)
             (tmp / COMPLETE).write_text(str(step))
             fsync_tree(tmp)
             fault_point("before_rename", step)
@@ -132,7 +193,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
             fsync_dir(out_dir)
             shutil.rmtree(old, ignore_errors=True)
             fault_point("before_rotate", step)
-            rotate(out_dir, total_limit, step)
+            rotate(out_dir, total_limit, step, run_id)
     except OSError as e:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -190,15 +251,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rotate(out_dir: Path, total_limit: int | None, step: int = -1) -> None:
-    """Keep the newest ``total_limit`` complete checkpoints; drop stale temporary folders. An old
-    checkpoint is first renamed out of the ``checkpoint-N`` namespace, so a kill in the middle of
-    deleting it can never leave a half-deleted folder that still looks complete."""
+def rotate(out_dir: Path, total_limit: int | None, step: int = -1, run_id: str | None = None) -> None:
+    """Keep the newest ``total_limit`` complete checkpoints of run ``run_id`` (None: of any run); drop stale
+    temporary folders. An old checkpoint is first renamed out of the ``checkpoint-N`` namespace, so a
+    kill in the middle of deleting it can never leave a half-deleted folder that still looks complete.
+    Checkpoints of another run are never touched: highest step numbers are not "newest" across runs."""
     for p in out_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
     if not total_limit:
         return
-    ckpts = list_checkpoints(out_dir)
+    ckpts = [(s, p) for s, p in list_checkpoints(out_dir) if run_id is None or run_id_of(p) == run_id]
     for _, p in ckpts[: max(0, len(ckpts) - total_limit)]:
         trash = out_dir / (".trash-" + p.name)
         os.replace(p, trash)

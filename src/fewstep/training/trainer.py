@@ -20,18 +20,21 @@ import torch
 from ..config import ConfigError, RunSpec
 from ..data import build_dataset, collate
 from ..export import write_model_card
+from ..logs import quiet_libraries
 from ..methods import REGISTRY
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
 from .checkpoint import (
     ResumeMismatch,
     check_resume_settings,
+    clear_previous_run,
     fault_point,
     list_checkpoints,
     recover,
     resolve_resume,
     save_checkpoint,
 )
-from .speed import check_compile, speed_setup
+from .preflight import apply_text_length, check_run, check_teacher, wandb_reachable
+from .speed import speed_setup
 
 log = logging.getLogger("fewstep")
 
@@ -41,6 +44,11 @@ class TrainState:
 
     def __init__(self):
         self.step, self.epoch, self.batch_in_epoch, self.nan_steps, self.skipped = 0, 0, 0, 0, {}
+        import uuid
+
+        # Which run this is: a resume continues the run it loads; rotation removes only this run's checkpoints.
+        self.run_id = uuid.uuid4().hex
+        self.train_seconds = 0.0  # wall-clock inside the training loop (steps and data; not validation or saving)
         self.samples_seen, self.bad_example = 0, None
         self.nonfinite = {"loss": 0, "grad": 0}  # skipped steps by cause, over the whole run
         # Streamed data: items of the current epoch consumed per rank and loader worker, so a resumed
@@ -52,7 +60,7 @@ class TrainState:
         return dict(vars(self))
 
     def load_state_dict(self, d):
-        vars(self).update(d)
+        vars(self).update({"run_id": "", "train_seconds": 0.0, **d})  # (checkpoints older than these fields)
 
 
 class StopRequested:
@@ -135,11 +143,19 @@ def build_accelerator(cfg, out: Path):
     # The distributed PartialState (ranks, process group) is kept.
     AcceleratorState._reset_state()
     log_with = None if cfg.report_to == "none" else cfg.report_to
-    if log_with == "wandb":
+    if log_with in ("wandb", "all"):
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise SystemExit("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
+        if not os.environ.get("WANDB_MODE") and not wandb_reachable():
+            # No network: wandb's offline mode writes the run under OUT/logs/wandb for `wandb sync` later.
+            os.environ["WANDB_MODE"] = "offline"
+            log.warning("wandb: the server cannot be reached; logging offline to %s (upload later with "
+                        "`wandb sync %s/wandb/offline-run-*`)", out / cfg.logging_dir, out / cfg.logging_dir)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.find_unused_parameters else []
     acc = Accelerator(
         # On a machine without CUDA, cpu=True lets several processes started by torchrun form a gloo
         # process group (MULTI_CPU); without it each would run alone and all would write OUT.
@@ -149,6 +165,7 @@ def build_accelerator(cfg, out: Path):
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        kwargs_handlers=handlers,
     )
     from accelerate.utils import DistributedType
 
@@ -165,11 +182,15 @@ class Trainer:
 
         self.spec, cfg = spec, spec.train
         self.cfg = cfg
+        # What the run would refuse, before anything is loaded or written (the same checks as --dry_run).
+        self.preflight = check_run(spec, order=lambda n, seed: iter(EpochSampler(n, seed)))
+        self.resume_hint = "the same command plus --resume_from_checkpoint latest"  # (the demo says its own)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.acc = acc = build_accelerator(cfg, self.out)
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        quiet_libraries()  # accelerate logs ~8 INFO lines per checkpoint; fewstep writes one
         set_seed(cfg.seed, device_specific=True)  # a different noise stream per rank
         if torch.cuda.is_available():
             # Training shapes are fixed (one resolution, one batch size): autotuning pays once.
@@ -179,9 +200,9 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         method_cls = REGISTRY[cfg.method]
-        check_compile(cfg, acc.device.type)  # before any weight loads
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
-        method_cls.check_setup(cfg, spec.method, getattr(self.bundle, "family", None))  # (a method may hold no bundle)
+        check_teacher(spec, self.bundle)
+        apply_text_length(cfg, self.bundle)
         if cfg.enable_xformers_memory_efficient_attention:
             try:
                 import xformers  # noqa: F401
@@ -302,12 +323,17 @@ class Trainer:
         st = self.state
         causes = ", ".join(f"{n} {c}" for c, n in sorted(st.skipped.items(), key=lambda x: -x[1])) or "none"
         return (f"{what}. Skipped by cause: {causes}; example: {st.bad_example or '-'}. Check the data path, "
-                "the caption files / --caption_column, and --train_batch_size against the data set size")
+                "the caption files (.txt or --caption_extension) / --caption_column, and --train_batch_size "
+                "against the data set size")
 
     # ---- loop --------------------------------------------------------------------------------
     def start(self) -> None:
         """Resume (if asked), write the resolved config, open trackers and the data stream."""
         cfg, acc, st = self.cfg, self.acc, self.state
+        if acc.is_main_process and cfg.overwrite_output_dir:
+            gone = clear_previous_run(self.out)
+            if gone:
+                log.warning("--overwrite_output_dir: deleted the previous run's %s", ", ".join(gone))
         if acc.is_main_process:  # a run killed in the middle of a save leaves temporary folders
             for line in recover(self.out):
                 log.warning("checkpoint recovery: %s", line)
@@ -330,7 +356,8 @@ class Trainer:
             self.spec.dump(self.out / "fewstep_config.yaml")
         if acc.log_with:
             flat = {k: v for k, v in self.spec.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers("fewstep", config=flat)
+            acc.init_trackers(cfg.tracker_project_name, config=flat,
+                              init_kwargs={"wandb": {"dir": str(self.out / cfg.logging_dir)}})
         self._it = self._epoch_iter(skip=st.batch_in_epoch)
 
     def train(self):
@@ -338,8 +365,10 @@ class Trainer:
         self.start()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
+        bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process or cfg.disable_tqdm,
+                   desc="steps")
         t_last = time.time()
+        window: dict[str, list[float]] = {}  # logs of the steps since the last --logging_steps boundary
         with StopRequested() as stop:
             while st.step < cfg.max_train_steps:
                 try:
@@ -351,8 +380,16 @@ class Trainer:
                     bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}")
                 now = time.time()
                 logs["step_time"] = now - t_last
-                t_last = now
-                acc.log(logs, step=st.step)
+                st.train_seconds += now - t_last
+                for k, v in logs.items():
+                    window.setdefault(k, []).append(float(v))
+                if st.step % cfg.logging_steps == 0 or st.step == cfg.max_train_steps:
+                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    window = {}
+                    acc.log(means, step=st.step)
+                    if cfg.disable_tqdm and acc.is_main_process:
+                        log.info("step %d/%d: %s", st.step, cfg.max_train_steps,
+                                 ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
                 if cfg.validation_steps and st.step % cfg.validation_steps == 0:
                     try:
                         self.validate()
@@ -360,11 +397,12 @@ class Trainer:
                         raise SystemExit(self._oom_message(e)) from None
                 if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps:
                     self.save()
+                t_last = time.time()  # validation and saving are not training time
                 if stop.signum is not None:
                     path = self.save()
                     acc.end_training()
                     msg = (f"stopped by signal {stop.signum} at step {st.step}; state saved in {path}. Resume with "
-                           f"the same command plus --resume_from_checkpoint latest")
+                           f"{self.resume_hint}")
                     if acc.is_main_process:
                         print(msg, file=sys.stderr)
                     return None
@@ -410,7 +448,11 @@ class Trainer:
 
             mine = self.state.stream_pos.get(self.acc.process_index, {})
             self.state.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
-        return save_checkpoint(self.acc, self.out, self.state.step, self.cfg.checkpoints_total_limit)
+        path = save_checkpoint(self.acc, self.out, self.state.step, self.cfg.checkpoints_total_limit,
+                               self.state.run_id)
+        if self.acc.is_main_process:
+            log.info("checkpoint saved: %s", path)
+        return path
 
     def step(self) -> dict[str, float]:
         """One optimizer step of the phase's group (gradient_accumulation_steps micro-batches).

@@ -228,6 +228,10 @@ TRANSLATED = {
     "trainable_models": _from_trainable_models,
     "remove_prefix_in_ckpt": _from_remove_prefix_in_ckpt,
 }
+# Options only DiffSynth-Studio's train.py has: a command with one of them is one of its commands.
+DIFFSYNTH_ONLY = {"dataset_base_path", "task", "lora_base_model", "trainable_models", "model_id_with_origin_paths",
+                  "remove_prefix_in_ckpt", "data_file_keys", "extra_inputs", "dataset_repeat", "max_pixels",
+                  "model_paths"}
 # Options that take a value (so a bare one is "needs a value", not an unknown option).
 FOREIGN_KEYS = set(REFUSED) | set(TRANSLATED) | {"height", "width", "task"}
 
@@ -246,6 +250,8 @@ def translate_foreign(raw: dict[str, Any], method_tasks: dict[str, str]) -> tupl
             errors.append("--height / --width and --resolution set the same thing: give one")
         else:
             out["resolution"] = h if h is not None else w
+    if any(k in raw for k in DIFFSYNTH_ONLY) and "train_batch_size" not in raw:
+        out["train_batch_size"] = 1  # DiffSynth-Studio's train.py takes one sample per step
     if raw.get("dataset_base_path") is not None and "train_data_dir" not in raw:
         out["train_data_dir"] = raw["dataset_base_path"]  # DiffSynth-Studio: the folder alone, images listed there
     if "task" in raw:

@@ -162,8 +162,7 @@ def apply_epochs(spec: RunSpec, explicit_steps: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batches = n // (c.train_batch_size * world)
     if batches == 0:
-        raise ConfigError(f"the data has {n} samples, fewer than one batch (--train_batch_size {c.train_batch_size} "
-                          f"x {world} process(es)): lower --train_batch_size or add data")
+        return  # fewer samples than one batch: the run's own check refuses it, naming the fix
     c.max_train_steps = max(1, math.ceil(passes * batches / c.gradient_accumulation_steps))
     log.info("%d passes over %d samples (%d batches each) = %d optimizer steps", passes, n, batches,
              c.max_train_steps)

@@ -207,6 +207,8 @@ def check_teacher(spec: RunSpec, bundle) -> None:
         if want and value is not None and family is not None and value != (family == want):
             raise ConfigError(f"--{f.name} {value}: {cfg.pretrained_teacher_model} is a {family} teacher "
                               f"(from its model_index.json); fewstep picks the family itself: drop --{f.name}")
+    if bundle is not None and isinstance(getattr(bundle, "unet", None), dict):
+        check_lora_targets(spec.method, bundle.unet)  # (with weights loaded, the method checks them itself)
     if cfg.model_max_length is not None and bundle is not None:
         for tok, limit in text_lengths(bundle):
             if limit is not None and cfg.model_max_length > limit:
@@ -215,6 +217,31 @@ def check_teacher(spec: RunSpec, bundle) -> None:
             if cfg.cache_dir and cfg.model_max_length != tok.model_max_length:
                 raise ConfigError(f"--model_max_length {cfg.model_max_length}: the text embeddings in --cache_dir were "
                                   f"computed at the tokenizer's {tok.model_max_length} tokens; drop the flag")
+
+
+def check_lora_targets(mcfg, denoiser_config: dict) -> None:
+    """The LoRA target names a method config will use (``<x>lora_target_modules`` with its ``<x>lora_rank``
+    set, or LCM's ``--is_lora``) against the denoiser's module names, on a weightless (meta-device) copy
+    built from its config: the dry run's version of the check the method makes on the loaded model."""
+    import dataclasses
+
+    import diffusers
+
+    from ..models.lora import check_targets
+
+    used = []
+    for f in dataclasses.fields(mcfg):
+        if f.name.endswith("lora_target_modules"):
+            prefix = f.name[: -len("lora_target_modules")]
+            if getattr(mcfg, prefix + "lora_rank", None) is not None or (not prefix and getattr(mcfg, "lora", False)):
+                used.append(f.name)
+    cls = getattr(diffusers, str(denoiser_config.get("_class_name")), None)
+    if not used or cls is None:
+        return
+    with torch.device("meta"):
+        model = cls.from_config(denoiser_config)
+    for name in used:
+        check_targets(model, list(getattr(mcfg, name)), "--" + name)
 
 
 def apply_text_length(cfg: TrainConfig, bundle) -> None:

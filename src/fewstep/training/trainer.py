@@ -151,8 +151,8 @@ def build_accelerator(cfg, out: Path):
         if not os.environ.get("WANDB_MODE") and not wandb_reachable():
             # No network: wandb's offline mode writes the run under OUT/logs/wandb for `wandb sync` later.
             os.environ["WANDB_MODE"] = "offline"
-            log.warning("wandb: the server cannot be reached; logging offline to %s (upload later with "
-                        "`wandb sync %s/wandb/offline-run-*`)", out / cfg.logging_dir, out / cfg.logging_dir)
+            print(f"wandb: the server cannot be reached; logging offline to {out / cfg.logging_dir}/wandb (upload "
+                  f"later with `wandb sync {out / cfg.logging_dir}/wandb/offline-run-*`)", file=sys.stderr)
     from accelerate.utils import DistributedDataParallelKwargs
 
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.find_unused_parameters else []
@@ -356,8 +356,13 @@ class Trainer:
             self.spec.dump(self.out / "fewstep_config.yaml")
         if acc.log_with:
             flat = {k: v for k, v in self.spec.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers(cfg.tracker_project_name, config=flat,
-                              init_kwargs={"wandb": {"dir": str(self.out / cfg.logging_dir)}})
+            kw = {}
+            if cfg.report_to in ("wandb", "all"):
+                import wandb
+
+                # The run's files next to TensorBoard's; OUT is rarely a git checkout, so no git lookup.
+                kw["wandb"] = {"dir": str(self.out / cfg.logging_dir), "settings": wandb.Settings(disable_git=True)}
+            acc.init_trackers(cfg.tracker_project_name, config=flat, init_kwargs=kw)
         self._it = self._epoch_iter(skip=st.batch_in_epoch)
 
     def train(self):

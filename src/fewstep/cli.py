@@ -296,7 +296,7 @@ def cmd_eval(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from .diffusion.sampling import check_scheduler
     from .eval.metrics import EXTRACTORS
-    from .eval.run import EvalRun, _sampling_hints, check_runs, evaluate, load_reference, plan_runs
+    from .eval.run import EvalRun, check_runs, evaluate, load_reference, plan_runs, sampling_hints
 
     for b in a.baselines:  # before any image is generated
         check_scheduler(b, "--baselines")
@@ -320,7 +320,7 @@ def cmd_eval(argv: list[str]) -> int:
             raise ConfigError(f"--teacher_reference {a.teacher_reference}: not one of the --model labels "
                               f"({', '.join(paths)})")
         path = paths[a.teacher_reference]
-        gs = a.guidance_scale if a.guidance_scale is not None else _sampling_hints(path).get("guidance_scale", 1.0)
+        gs = a.guidance_scale if a.guidance_scale is not None else sampling_hints(path).get("guidance_scale", 1.0)
         ref = EvalRun(a.teacher_reference, path, a.teacher_reference_scheduler, a.teacher_reference_steps, gs)
     check_runs(runs + ([ref] if ref else []))  # every run, before any model loads
     prompts = None

@@ -23,7 +23,7 @@ def markdown_table(results) -> str:
         cs = (f"{r.clip_score:.2f} | " if r.clip_score is not None else "– | ") if clip else ""
         ft = (f"{r.fd_teacher:.2f} | " if r.fd_teacher is not None else "– | ") if teacher else ""
         rows.append(f"| {r.label} | {r.scheduler} | {r.steps} | {r.guidance_scale:g} | {r.frechet_distance:.2f} | "
-                    f"{ft}{acc} | {cs}{r.seconds_per_image:.4f} |")
+                    f"{ft}{acc} | {cs}{'–' if r.seconds_per_image != r.seconds_per_image else f'{r.seconds_per_image:.4f}'} |")
     return "\n".join(rows)
 
 

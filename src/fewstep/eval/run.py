@@ -12,7 +12,6 @@ rewritten after each run, so an interrupted evaluation keeps the rows it finishe
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,8 @@ class RunResult:
     fd_teacher: float | None = None  # Fréchet distance to the teacher's many-step samples (same prompts, seeds)
 
 
-def _sampling_hints(model: str) -> dict:
+def sampling_hints(model: str) -> dict:
+    """The folder's fewstep_sampling.json (steps, guidance, timesteps, sampler), or {}."""
     p = Path(model) / "fewstep_sampling.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
@@ -71,8 +71,8 @@ def plan_runs(models: list[tuple[str, str]], steps: list[int], teacher_steps: li
         if not ((Path(path) / "model_index.json").is_file() or is_lora_folder(path)):
             raise ConfigError(f"--model {label}={path}: neither a diffusers pipeline folder (no model_index.json) "
                               "nor a fewstep LoRA folder (no fewstep_lora.json / pytorch_lora_weights.safetensors)")
-        gs = guidance_scale if guidance_scale is not None else _sampling_hints(path).get("guidance_scale", 1.0)
-        hints = _sampling_hints(path)
+        gs = guidance_scale if guidance_scale is not None else sampling_hints(path).get("guidance_scale", 1.0)
+        hints = sampling_hints(path)
         if hints.get("sampler"):  # a student trained for one sampler at K steps (direct distillation)
             runs.append(EvalRun(label, path, hints["sampler"], int(hints["num_inference_steps"]), gs))
         elif _scheduler_class(path) == "LCMScheduler":
@@ -89,7 +89,7 @@ def run_scheduler(run: EvalRun, scheduler_config: dict):
     scheduler by short name over the folder's config."""
     from ..diffusion.sampling import make_scheduler
 
-    ts = _sampling_hints(run.model).get("timesteps") if run.scheduler == "lcm" else None
+    ts = sampling_hints(run.model).get("timesteps") if run.scheduler == "lcm" else None
     ts = ts if ts and len(ts) == run.steps else None  # (one-step DMD2 at t = 399: the grid cannot express it)
     if run.scheduler == "lcm":
         import diffusers
@@ -123,7 +123,7 @@ def check_runs(runs: list[EvalRun]) -> None:
         sched, ts = run_scheduler(run, configs[run.model])
         try:
             check_steps(sched, run.steps, ts, f"--model {run.label}={run.model} ({run.scheduler})",
-                        _sampling_hints(run.model).get("num_inference_steps"))
+                        sampling_hints(run.model).get("num_inference_steps"))
         except ConfigError as e:
             problems.append(str(e))
     if problems:
@@ -212,7 +212,7 @@ def evaluate(runs: list[EvalRun], reference: torch.Tensor, extractor, n: int, ou
         with torch.no_grad():
             teacher_stats = feature_stats(_features(extractor, teacher_samples, batch_size))
     for run in runs:
-        if same(run) and not math.isnan(ref_spi):  # the reference itself is one of the rows
+        if same(run):  # the reference itself is one of the rows (its time is unknown when it came from outside)
             images, spi = teacher_samples, ref_spi
         else:
             images, spi = generate(run, prompts, seeds, resolution, batch_size, device, bundles, bar)

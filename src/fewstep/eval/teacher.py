@@ -29,11 +29,11 @@ def teacher_images(teacher: str, prompts: list[str], seeds: list[int], steps: in
     """The teacher's ``steps``-step samples (``scheduler``, its recommended guidance unless given) for every
     (prompt, seed), in [0, 1]. With ``cache_dir`` they are kept in a file keyed by every setting and the
     prompts and seeds, so several evaluations of one teacher generate them once."""
-    from .run import EvalRun, _sampling_hints, generate
+    from .run import EvalRun, generate, sampling_hints
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    gs = guidance_scale if guidance_scale is not None else _sampling_hints(teacher).get("guidance_scale", 1.0)
+    gs = guidance_scale if guidance_scale is not None else sampling_hints(teacher).get("guidance_scale", 1.0)
     run = EvalRun("teacher-reference", str(teacher), scheduler, steps, gs)
     path = None
     if cache_dir is not None:

@@ -185,6 +185,7 @@ class Trainer:
         # What the run would refuse, before anything is loaded or written (the same checks as --dry_run).
         self.preflight = check_run(spec, order=lambda n, seed: iter(EpochSampler(n, seed)))
         self.resume_hint = "the same command plus --resume_from_checkpoint latest"  # (the demo says its own)
+        self.on_save: list = []  # callbacks (step, training seconds so far, checkpoint path), main process
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.acc = acc = build_accelerator(cfg, self.out)
@@ -457,6 +458,8 @@ class Trainer:
                                self.state.run_id)
         if self.acc.is_main_process:
             log.info("checkpoint saved: %s", path)
+            for callback in self.on_save:
+                callback(self.state.step, self.state.train_seconds, path)
         return path
 
     def step(self) -> dict[str, float]:

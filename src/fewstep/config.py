@@ -376,8 +376,8 @@ def parse_cli_pairs(argv: list[str], bool_keys: set[str], known: set[str] | None
             out[key] = True
             i += 1
         elif nxt is None or (nxt.startswith("--") and canonical not in bool_keys):
-            if known is not None and canonical not in known:
-                out[key] = True  # an unknown option: reported with the others by resolve()
+            if known is not None and (canonical not in known or canonical in REFUSED):
+                out[key] = True  # unknown or refused (whatever its value): reported with the others by resolve()
                 i += 1
                 continue
             raise ConfigError(f"--{key} needs a value")

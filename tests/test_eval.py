@@ -115,7 +115,13 @@ def test_demo_code_path_on_a_small_budget(tmp_path):
     assert (tmp_path / "demo" / "student" / "unet" / "config.json").is_file()
     assert (tmp_path / "demo" / "student" / "validation" / "step-0000002.png").is_file()
     assert (tmp_path / "demo" / "report" / "report.md").is_file()
-    assert s["teacher_ddim_25"] > 0 and s["student_1"] > 0 and s["teacher_ddim_1"] > 0
+    assert not s["stopped"] and s["teacher_reference"] > 0
+    row = s["steps"][1]
+    assert row["student"][0] > 0 and row["student"][1] > 0  # distance to real digits, to the teacher's samples
+    assert set(row["baselines"]) == {"ddim", "dpm++", "euler"} and all(r > 0 and t > 0 for r, t in row["baselines"].values())
+    data = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())
+    ref = [r for r in data["results"] if r["scheduler"] == "ddim" and r["steps"] == 25]
+    assert len(ref) == 1 and ref[0]["fd_teacher"] < 1e-6  # the reference against itself
 
 
 def test_clip_score_matches_its_definition(tmp_path):

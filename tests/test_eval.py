@@ -107,11 +107,30 @@ def test_eval_report_on_tiny_models(tiny_teacher, caption_folder, tmp_path):
     assert len(data["results"]) == 5 and data["meta"]["num_images"] == n
 
 
-def test_demo_code_path_on_a_small_budget(tmp_path):
-    from fewstep.demo import run_demo
+def test_demo_code_path_on_a_small_budget(tmp_path, monkeypatch):
+    """A real SIGINT after the first step stops the demo with a checkpoint (no evaluation); running it
+    again continues from that checkpoint and finishes (tests/test_demo.py does the same through the command)."""
+    import os
+    import signal
 
-    s = run_demo(str(tmp_path / "demo"), max_train_steps=2, num_images=10, steps=(1,),
-                 extra={"validation_steps": 2, "train_batch_size": 4})
+    from fewstep.demo import run_demo
+    from fewstep.training.trainer import Trainer
+
+    step = Trainer.step
+
+    def interrupted(self):
+        logs = step(self)
+        if self.state.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to this process while it trains
+        return logs
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    kw = dict(max_train_steps=2, num_images=10, steps=(1,), extra={"validation_steps": 2, "train_batch_size": 4})
+    s = run_demo(str(tmp_path / "demo"), **kw)
+    assert s["stopped"] and s["step"] == 1 and not (tmp_path / "demo" / "report").exists()
+    assert (tmp_path / "demo" / "student" / "checkpoint-1").is_dir()
+    monkeypatch.undo()
+    s = run_demo(str(tmp_path / "demo"), **kw)
     assert (tmp_path / "demo" / "student" / "unet" / "config.json").is_file()
     assert (tmp_path / "demo" / "student" / "validation" / "step-0000002.png").is_file()
     assert (tmp_path / "demo" / "report" / "report.md").is_file()

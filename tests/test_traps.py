@@ -80,11 +80,11 @@ def test_rotation_removes_only_the_current_runs_checkpoints(tmp_path):
 
     acc = FileAccelerator()
     for step in (100, 200):  # another run, with higher step numbers
-        ck.save_checkpoint(acc, tmp_path, step, None, "other-run")
+        ck.save_checkpoint(acc, tmp_path, step, None, {"run_id": "other-run"})
     for step in (1, 2, 3):
-        ck.save_checkpoint(acc, tmp_path, step, 2, "this-run")
+        ck.save_checkpoint(acc, tmp_path, step, 2, {"run_id": "this-run", "train_seconds": float(step)})
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [2, 3, 100, 200]
-    assert ck.run_id_of(tmp_path / "checkpoint-3") == "this-run"
+    assert ck.run_info(tmp_path / "checkpoint-3") == {"run_id": "this-run", "train_seconds": 3.0}
 
 
 # ---- 6. a student asked for step counts it cannot run; an interrupted evaluation ---------------

@@ -110,6 +110,15 @@ def check_steps(scheduler, steps: int, timesteps, what: str, trained_steps=None)
         raise ConfigError(f"{what}: {type(scheduler).__name__} cannot sample {steps} step(s) ({e}){hint}") from None
 
 
+def can_sample(run: EvalRun) -> bool:
+    """Whether ``run``'s scheduler accepts its step count (see :func:`check_runs`)."""
+    try:
+        check_runs([run])
+    except ConfigError:
+        return False
+    return True
+
+
 def check_runs(runs: list[EvalRun]) -> None:
     """Every planned run's scheduler accepts its step count, checked on the folders' configs before any
     model loads; all the runs that cannot be sampled are named in one message."""

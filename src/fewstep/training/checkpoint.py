@@ -31,7 +31,9 @@ from pathlib import Path
 from ..config import ConfigError
 
 COMPLETE = "fewstep_complete"  # marker written last inside the temporary folder
-RUN_ID = "fewstep_run_id"  # which run wrote the checkpoint: rotation only removes the current run's
+# Which run wrote the checkpoint (rotation only removes the current run's) and its training time so far. Not
+# part of the training state: two runs to the same step have equal states and different ids and clocks.
+RUN_FILE = "fewstep_run.json"
 _PAT = re.compile(r"^checkpoint-(\d+)$")
 FAULT_ENV = "FEWSTEP_TEST_FAULT"
 
@@ -108,10 +110,21 @@ def resolve_resume(out_dir: Path, spec: str | None) -> Path | None:
     return p
 
 
+def run_info(ckpt: Path) -> dict:
+    """``{"run_id", "train_seconds"}`` of the run that wrote ``ckpt`` ({} for checkpoints of fewstep
+    versions without them)."""
+    import json
+
+    p = Path(ckpt) / RUN_FILE
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except ValueError:
+        return {}
+
+
 def run_id_of(ckpt: Path) -> str:
     """The id of the run that wrote ``ckpt`` ("" for checkpoints of fewstep versions without ids)."""
-    p = Path(ckpt) / RUN_ID
-    return p.read_text().strip() if p.is_file() else ""
+    return str(run_info(ckpt).get("run_id", ""))
 
 
 def previous_run(out_dir: Path) -> str | None:
@@ -165,9 +178,11 @@ def clear_previous_run(out_dir: Path) -> list[str]:
     return gone
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | None, run_id: str | None = None) -> Path:
+def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | None, run: dict | None = None) -> Path:
     """Save to ``.tmp-checkpoint-<step>``, then rename; rotate older complete checkpoints of the same run
-    (``run_id``; None: every complete checkpoint in the folder counts)."""
+    (``run["run_id"]``, written with the rest of ``run`` to :data:`RUN_FILE`; None: every complete checkpoint
+    in the folder counts)."""
+    run_id = None if run is None else str(run["run_id"])
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
@@ -179,8 +194,10 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             fault_point("before_marker", step)
-            if run_id is not None:
-                (tmp / RUN_ID).write_text(run_id)
+            if run is not None:
+                import json
+
+                (tmp / RUN_FILE).write_text(json.dumps(run) + "\n")
             (tmp / COMPLETE).write_text(str(step))
             fsync_tree(tmp)
             fault_point("before_rename", step)

@@ -31,6 +31,7 @@ from .checkpoint import (
     list_checkpoints,
     recover,
     resolve_resume,
+    run_info,
     save_checkpoint,
 )
 from .preflight import apply_text_length, check_run, check_teacher, wandb_reachable
@@ -44,11 +45,6 @@ class TrainState:
 
     def __init__(self):
         self.step, self.epoch, self.batch_in_epoch, self.nan_steps, self.skipped = 0, 0, 0, 0, {}
-        import uuid
-
-        # Which run this is: a resume continues the run it loads; rotation removes only this run's checkpoints.
-        self.run_id = uuid.uuid4().hex
-        self.train_seconds = 0.0  # wall-clock inside the training loop (steps and data; not validation or saving)
         self.samples_seen, self.bad_example = 0, None
         self.nonfinite = {"loss": 0, "grad": 0}  # skipped steps by cause, over the whole run
         # Streamed data: items of the current epoch consumed per rank and loader worker, so a resumed
@@ -60,7 +56,7 @@ class TrainState:
         return dict(vars(self))
 
     def load_state_dict(self, d):
-        vars(self).update({"run_id": "", "train_seconds": 0.0, **d})  # (checkpoints older than these fields)
+        vars(self).update(d)
 
 
 class StopRequested:
@@ -186,6 +182,11 @@ class Trainer:
         self.preflight = check_run(spec, order=lambda n, seed: iter(EpochSampler(n, seed)))
         self.resume_hint = "the same command plus --resume_from_checkpoint latest"  # (the demo says its own)
         self.on_save: list = []  # callbacks (step, training seconds so far, checkpoint path), main process
+        import uuid
+
+        # Which run this is (a resume continues the run it loads: rotation removes only this run's checkpoints),
+        # and the wall-clock spent in its training loop (steps and data; not validation, saving, loading).
+        self.run_id, self.train_seconds = uuid.uuid4().hex, 0.0
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.acc = acc = build_accelerator(cfg, self.out)
@@ -350,6 +351,8 @@ class Trainer:
                     f"--resume_from_checkpoint {resume}: this run's models or optimizers cannot load it ({first}). "
                     "Was it written with other settings? Resume with the run's settings (see "
                     f"{resume.parent / 'fewstep_config.yaml'}), or start a new run with another --output_dir") from e
+            info = run_info(resume)
+            self.run_id, self.train_seconds = str(info.get("run_id", "")), float(info.get("train_seconds", 0.0))
             log.info("resumed from %s at step %d", resume, st.step)
         elif cfg.resume_from_checkpoint:
             log.info("no checkpoint in %s yet: starting from step 0", self.out)
@@ -386,7 +389,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}")
                 now = time.time()
                 logs["step_time"] = now - t_last
-                st.train_seconds += now - t_last
+                self.train_seconds += now - t_last
                 for k, v in logs.items():
                     window.setdefault(k, []).append(float(v))
                 if st.step % cfg.logging_steps == 0 or st.step == cfg.max_train_steps:
@@ -455,11 +458,11 @@ class Trainer:
             mine = self.state.stream_pos.get(self.acc.process_index, {})
             self.state.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
         path = save_checkpoint(self.acc, self.out, self.state.step, self.cfg.checkpoints_total_limit,
-                               self.state.run_id)
+                               {"run_id": self.run_id, "train_seconds": round(self.train_seconds, 3)})
         if self.acc.is_main_process:
             log.info("checkpoint saved: %s", path)
             for callback in self.on_save:
-                callback(self.state.step, self.state.train_seconds, path)
+                callback(self.state.step, self.train_seconds, path)
         return path
 
     def step(self) -> dict[str, float]:

@@ -90,6 +90,12 @@ def cmd_distill(argv: list[str]) -> int:
             print(f"\n--method {name} options:")
             print(describe(cls.Config))
         print("\naliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items()))
+        from .config import REFUSED, TRANSLATED
+
+        print("DiffSynth-Studio's flags translated by value: --height/--width (= --resolution), --task, "
+              + ", ".join(f"--{k}" for k in TRANSLATED) + "; refused with what to use instead: "
+              + ", ".join(f"--{k}" for k in REFUSED))
+        print("presets: `fewstep presets`; --preset NAME under --config and the flags")
         return 0
     spec = parse_run(argv)
     if spec.train.dry_run:
@@ -382,7 +388,7 @@ def cmd_demo(argv: list[str]) -> int:
         "continues."))
     p.add_argument("--output_dir", default="fewstep-demo")
     p.add_argument("--max_train_steps", type=int, default=None, help="default: the embedded 250")
-    p.add_argument("--num_images", type=int, default=400, help="images per evaluated row")
+    p.add_argument("--num_images", type=int, default=300, help="images per evaluated row")
     a = p.parse_args(argv)
     from .demo import print_summary, run_demo
 

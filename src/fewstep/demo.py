@@ -79,7 +79,7 @@ def bundled(value: str, work: Path) -> str:
     return value
 
 
-def run_demo(out_dir: str = "fewstep-demo", max_train_steps: int | None = None, num_images: int = 400,
+def run_demo(out_dir: str = "fewstep-demo", max_train_steps: int | None = None, num_images: int = 300,
              steps=(1, 2, 4), extra: dict | None = None) -> dict:
     """Distil (continuing the demo's own checkpoint when there is one), then evaluate; the summary's
     ``stopped`` is True when a signal stopped training (the checkpoint is saved; rerun to continue)."""

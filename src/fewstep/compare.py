@@ -141,10 +141,13 @@ class Comparison:
 
     # ---- training ---------------------------------------------------------------------------
     def generate_data(self, label: str, gen: dict) -> float:
-        """Teacher data for a run that trains on it (direct distillation); seconds spent (0 when present)."""
+        """Teacher data for a run that trains on it (direct distillation); the seconds it took, kept beside
+        the data so that a rerun (which finds the rows written) still reports them."""
         from .generate import generate
         from .runspec import resolve_run
 
+        record = self.work / label / "teacher_data_seconds.json"
+        before = json.loads(record.read_text())["seconds"] if record.is_file() else 0.0
         shared = resolve_run({**RUN_DEFAULTS, **self.distill, "output_dir": str(self.work / label)})
         t0 = time.time()
         gs = gen["teacher_guidance_scale"]
@@ -157,7 +160,9 @@ class Comparison:
                  student_steps=int(gen["student_steps"]), student_guidance_scale=float(gen["student_guidance_scale"]),
                  images_per_prompt=int(gen["images_per_prompt"]), seed=int(self.distill.get("seed", 0)),
                  save_latents=True, batch_size=100, scheduler=gen["teacher_scheduler"], progress=False)
-        return time.time() - t0
+        seconds = before + time.time() - t0
+        record.write_text(json.dumps({"seconds": seconds}) + "\n")
+        return seconds
 
     def train(self, label: str, spec) -> dict:
         from .training.trainer import Trainer
@@ -176,7 +181,7 @@ class Comparison:
         return {int(k): v for k, v in times.items()}
 
     def export_at(self, label: str, spec, step: int) -> str:
-        """The student of checkpoint ``step``, exported by resuming it with nothing left to train."""
+        """The student of checkpoint ``step``: the run's settings, that checkpoint loaded, exported as it is."""
         from .runspec import resolve_run
         from .training.trainer import Trainer
 
@@ -184,9 +189,12 @@ class Comparison:
         if (folder / "fewstep_sampling.json").is_file():
             return str(folder)
         keys = {**self.run_keys(label, self.spec["runs"][label][0], spec.train.train_data_dir),
-                "output_dir": str(folder), "max_train_steps": step,
+                "output_dir": str(folder),
                 "resume_from_checkpoint": str((self.work / label / f"checkpoint-{step}").resolve())}
-        Trainer(resolve_run(keys)).train()
+        trainer = Trainer(resolve_run(keys))
+        trainer.start()
+        trainer.export()
+        trainer.acc.end_training()
         return str(folder)
 
     # ---- the whole comparison ---------------------------------------------------------------
@@ -278,7 +286,7 @@ class Comparison:
                       xlabel="training wall-clock, s (data generation included)")
         ev, d = self.ev, self.distill
         lines = ["# fewstep compare", "",
-                 f"Teacher `{self.teacher}`; every run trains {d['max_train_steps']} optimizer steps of batch "
+                 f"Teacher `{self.spec['distill'].get('pretrained_teacher_model')}`; every run trains {d['max_train_steps']} optimizer steps of batch "
                  f"{d['train_batch_size']} on the same data. {ev['num_images']} images per row, the same prompts and "
                  f"seeds for every row, guidance {gs:g} for the teacher's samplers. Distances are Fréchet distances "
                  f"on `{ev['features']}` features (lower is better): **real** to the `{ev['reference']}` reference "

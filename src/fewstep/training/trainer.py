@@ -421,14 +421,19 @@ class Trainer:
         if st.skipped:
             log.warning("skipped samples by cause: %s", st.skipped)
         acc.wait_for_everyone()
-        result = None
-        if acc.is_main_process:
-            facts = self.method.export(self.out)
-            write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts)
-            result = self.out
-            log.info("student written to %s", self.out)
+        result = self.export()
         acc.end_training()
         return result
+
+    def export(self) -> Path | None:
+        """The student as users load it, with its card, in OUT (main process; None elsewhere). After
+        :meth:`train`, or after :meth:`start` alone to export a resumed checkpoint as it is."""
+        if not self.acc.is_main_process:
+            return None
+        facts = self.method.export(self.out)
+        write_model_card(self.out, self.cfg.pretrained_teacher_model, self.cfg.method, facts)
+        log.info("student written to %s", self.out)
+        return self.out
 
     def _oom_message(self, e: Exception) -> str:
         cfg = self.cfg

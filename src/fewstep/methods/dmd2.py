@@ -310,7 +310,7 @@ class DMD2(Method):
         if scale == 1.0:
             return sch.to_x0_eps(score(z, t, cond), z, t)[0]
         zz, tt = torch.cat([z, z]), torch.cat([t, t])
-        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, self.bundle.uncond(B, size=self._size()))), zz, tt)[0]
+        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, self.bundle.uncond(B, size=self._size(), like=cond))), zz, tt)[0]
         x0_c, x0_u = x0.chunk(2)
         return cfg_combine(x0_c, x0_u, scale)
 

@@ -298,9 +298,11 @@ class ModelBundle:
         """The denoiser's condition for ``prompts`` at image ``size`` (h, w)."""
         return self.cond_from_text(self.embed_text(prompts), size, original_size, crop_top_left)
 
-    def uncond(self, batch_size: int, size=None) -> Cond:
+    def uncond(self, batch_size: int, size=None, like: Cond | None = None) -> Cond:
         """The unconditional input of classifier-free guidance: the empty prompt, encoded as the family's
-        pipeline encodes its default negative prompt."""
+        pipeline encodes its default negative prompt. ``like``: the conditional input this one is paired
+        with in a CFG batch; a family with micro-conditioning gives the unconditional pass the same
+        image-size conditioning (as its pipeline does), others ignore it."""
         if self._uncond is None:
             self._uncond = self.encode_text([""])
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items()}

@@ -128,3 +128,29 @@ def test_lcd_uncond_pass_carries_the_cond_time_ids(lora, fix, res, tiny_sdxl, ca
         assert cond == [[16, 16, 0, 0, 16, 16]] * B
     else:
         assert all(row[:2] == [40, 40] and row[4:] == [32, 32] for row in cond)  # the 40 px originals
+
+
+@pytest.mark.parametrize("method", ["dmd2", "disback"])
+def test_gan_real_and_fake_samples_carry_the_same_time_ids(method, tiny_sdxl, caption_folder, tmp_path):
+    """Issue 15 item 2: the discriminator sees real latents and generator samples under the same SDXL
+    time ids, DMD2's fixed (res, res, 0, 0, res, res), not each real image's original size (40 px here)."""
+    extra = dict(degradation_steps=1, degradation_interval=1, max_train_steps=4) if method == "disback" else {}
+    tr = Trainer(parse_run(run_args(tiny_sdxl, caption_folder, tmp_path / "o", method=method, dfake_gen_update_ratio=1,
+                                    fake_score_lora_rank=4, gen_cls_loss_weight=5e-3, guidance_cls_loss_weight=1e-2,
+                                    **extra)))
+    tr.start()
+    m = tr.method
+    if method == "disback":
+        tr.step()  # stage 1 (no GAN) → stage 2 begins
+    seen = []
+    real_logits = m._logits
+
+    def logits(net, x, cond):
+        seen.append(cond["time_ids"].tolist())
+        return real_logits(net, x, cond)
+
+    m._logits = logits
+    batch = tr._next_batch()
+    out = m.guidance_loss(batch, m._cond(batch), 2)
+    assert "guidance_cls_loss" in out.logs
+    assert seen == [[[32, 32, 0, 0, 32, 32]] * 2] * 2  # fake, then real

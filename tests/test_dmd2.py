@@ -135,7 +135,7 @@ def test_bad_options_are_rejected(tiny_teacher, caption_folder, tmp_path):
     with pytest.raises(ConfigError, match="min_step_percent"):
         parse_run(dmd2_args(tiny_teacher, caption_folder, tmp_path, min_step_percent=0.9, max_step_percent=0.5))
     m = parse_run(dmd2_args(tiny_teacher, caption_folder, tmp_path, cls_on_clean_image=True)).method
-    assert (m.gen_cls_loss_weight, m.guidance_cls_loss_weight) == (5e-3, 1e-2)  # DMD2's switch, DMD2's weights
+    assert (m.gen_cls_loss_weight, m.guidance_cls_loss_weight) == (1e-3, 1e-2)  # DMD2's SD1.5 weights
     with pytest.raises(ConfigError, match="must divide"):
         dmd2_trainer(tiny_teacher, caption_folder, tmp_path / "o", num_denoising_step=3)
     # DMD2's own spellings

@@ -47,10 +47,24 @@ def parse_run(argv: list[str]):
         raw.update(load_yaml(argv[i + 1]))
         argv = argv[:i] + argv[i + 2:]
     raw.update(parse_cli_pairs(argv, bool_keys))
-    spec = resolve(raw, methods)
+    spec = resolve(raw, methods, family=_teacher_family)
     if spec.method_cls.needs_teacher and not spec.train.pretrained_teacher_model:
         raise ConfigError("--pretrained_teacher_model is required (a diffusers folder or hub id)")
     return spec
+
+
+def _teacher_family(spec) -> str | None:
+    """The teacher's family label (its recipe defaults apply), or None without a teacher. A teacher that
+    cannot be read is reported later, after every value is checked (the trainer and --dry_run refuse it)."""
+    from .models.bundle import teacher_family
+
+    train = spec.train
+    if not spec.method_cls.needs_teacher or not train.pretrained_teacher_model:
+        return None
+    try:
+        return teacher_family(train.pretrained_teacher_model, train.teacher_revision)
+    except ConfigError:
+        return None
 
 
 def dry_run(spec) -> int:
@@ -84,6 +98,8 @@ def dry_run(spec) -> int:
                           f"{cfg.train_batch_size} per process): lower --train_batch_size or add data")
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    for line in spec.family_report():
+        print(line)
     first = sample["pixel_values"] if "pixel_values" in sample else sample["cached_moments"]
     print(f"data: {type(ds).__name__}, first sample {tuple(first.shape)} "
           f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else ""))

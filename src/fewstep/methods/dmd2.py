@@ -106,14 +106,10 @@ class DMD2Config:
     fake_score_lora_target_modules: list[str] | None = None  # default: the family's LoRA targets
     gen_cls_loss_weight: float = 0.0  # generator GAN loss softplus(−D(fake)) weight (DMD2: 5e-3)
     guidance_cls_loss_weight: float = 0.0  # discriminator loss weight (DMD2: 1e-2); needs real images
-    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: alone, it sets the two weights above to DMD2's
+    cls_on_clean_image: bool = False  # DMD2's GAN switch: alone, sets both weights to DMD2's for the family
     diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
     diffusion_gan_max_timestep: int = 1000
     regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
-
-    def __post_init__(self):
-        if self.cls_on_clean_image and self.gen_cls_loss_weight == 0 and self.guidance_cls_loss_weight == 0:
-            self.gen_cls_loss_weight, self.guidance_cls_loss_weight = 5e-3, 1e-2  # DMD2's SD / SDXL values
 
     @property
     def gan(self) -> bool:
@@ -214,6 +210,10 @@ class DMD2(Method):
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:
+        if mcfg.cls_on_clean_image and not mcfg.gan:
+            raise ConfigError("--cls_on_clean_image turns the GAN head on, but --gen_cls_loss_weight and "
+                              "--guidance_cls_loss_weight are both 0: give one > 0, or drop "
+                              "--cls_on_clean_image")
         N = bundle.schedule.num_train_timesteps
         if mcfg.num_denoising_step > 1 and N % mcfg.num_denoising_step:
             raise ConfigError(f"--num_denoising_step {mcfg.num_denoising_step} must divide the teacher's {N} "

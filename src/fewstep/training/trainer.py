@@ -164,6 +164,14 @@ class Trainer:
     def __init__(self, spec: RunSpec, bundle=None):
         from accelerate.utils import set_seed
 
+        if spec.teacher_family is None and getattr(spec.method_cls, "needs_teacher", False):
+            # A spec resolved without its teacher's family (built in Python, not by the command line):
+            # resolve the family's recipe defaults now, before anything reads the settings.
+            from ..models.bundle import teacher_family
+
+            t = spec.train
+            spec = spec.with_family(bundle.family if bundle is not None else
+                                    teacher_family(t.pretrained_teacher_model, t.teacher_revision))
         self.spec, cfg = spec, spec.train
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -180,6 +188,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         method_cls = spec.method_cls
+        for line in spec.family_report():
+            log.info(line)
         check_compile(cfg, acc.device.type)  # before any weight loads
         if bundle is None:
             method_cls.preflight(cfg, spec.method)  # settings × the teacher's configs, before its weights load

@@ -107,6 +107,7 @@ class DMD2Config:
     gen_cls_loss_weight: float = 0.0  # generator GAN loss softplus(−D(fake)) weight (DMD2: 5e-3)
     guidance_cls_loss_weight: float = 0.0  # discriminator loss weight (DMD2: 1e-2); needs real images
     cls_on_clean_image: bool = False  # DMD2's GAN switch: alone, sets both weights to DMD2's for the family
+    gan_head: str = "dmd2"  # GAN head: dmd2 (strided 4×4 convs down to 1×1) or pooled (3×3 conv, average)
     diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
     diffusion_gan_max_timestep: int = 1000
     regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
@@ -135,27 +136,74 @@ class DMD2Config:
         if min(self.gen_cls_loss_weight, self.guidance_cls_loss_weight, self.regression_loss_weight,
                self.dm_loss_weight) < 0:
             raise ConfigError("loss weights must be >= 0")
+        if self.gan_head not in GAN_HEADS:
+            raise ConfigError(f"--gan_head must be one of {', '.join(GAN_HEADS)}")
         if self.diffusion_gan_max_timestep < 1:
             raise ConfigError("--diffusion_gan_max_timestep must be >= 1")
 
 
-class ClassifierHead(torch.nn.Module):
-    """The GAN discriminator's head on the fake score's bottleneck features (C channels, any size):
-    a strided conv, normalisation, then a global average to one realism logit per sample."""
+GAN_HEADS = ("dmd2", "pooled")
 
-    def __init__(self, channels: int):
+
+class ClassifierHead(torch.nn.Module):
+    """The GAN discriminator's head on the fake score's features, a (B, C, h, w) map, to one realism
+    logit per sample.
+
+    ``dmd2`` (the default), DMD2's head: 4×4 convolutions of stride 2, each followed by GroupNorm and
+    SiLU, halve the map while a side is longer than 4; one more convolution as large as what is left
+    (DMD2's 4×4, stride 4) takes it to 1×1, again with GroupNorm and SiLU; a 1×1 convolution gives the
+    logit. The depth follows the map's size, not the family: SD1.5's 8×8 bottleneck at 512 px gets one
+    halving, SDXL's 32×32 at 1024 px three, exactly DMD2's two heads; a 2×2 UNet bottleneck or an SD3
+    transformer's 4×4 patch grid none. ``pooled``, fewstep's earlier head: one 3×3 stride-2 conv,
+    GroupNorm, SiLU, a global average and a 1×1 conv (any map size; checkpoints written before the
+    DMD2 head hold this one)."""
+
+    def __init__(self, channels: int, size: tuple[int, int], kind: str = "dmd2"):
         super().__init__()
+        nn = torch.nn
         groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1),
-            torch.nn.GroupNorm(groups, channels),
-            torch.nn.SiLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Conv2d(channels, 1, 1),
-        )
+        self.kind, self.size = kind, tuple(size)
+
+        def block(kernel, stride, padding):  # conv → GroupNorm → SiLU
+            return [nn.Conv2d(channels, channels, kernel, stride=stride, padding=padding),
+                    nn.GroupNorm(groups, channels), nn.SiLU()]
+
+        if kind == "pooled":
+            layers = block(3, 2, 1) + [nn.AdaptiveAvgPool2d(1)]
+        else:
+            layers = []
+            h, w = self.size
+            while max(h, w) > 4:
+                # a side already at most 4 is kept (1-wide kernel along it) while the longer one is halved
+                k = (4 if h > 4 else 1, 4 if w > 4 else 1)
+                st = (2 if h > 4 else 1, 2 if w > 4 else 1)
+                pad = (1 if h > 4 else 0, 1 if w > 4 else 0)
+                layers += block(k, st, pad)
+                h, w = (h + 2 * pad[0] - k[0]) // st[0] + 1, (w + 2 * pad[1] - k[1]) // st[1] + 1
+            layers += block((h, w), (h, w), 0)
+        self.net = nn.Sequential(*layers, nn.Conv2d(channels, 1, 1))
 
     def forward(self, feat):
+        if self.kind == "dmd2" and tuple(feat.shape[-2:]) != self.size:
+            raise ValueError(f"the GAN head was built for {self.size[0]}×{self.size[1]} features, got "
+                             f"{tuple(feat.shape[-2:])}: train at the --resolution the head was made for")
         return self.net(feat.float()).flatten(1)[:, 0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint's head of another layout (the pooled head of runs before DMD2's head became the
+        # default, or another map size) would fail deep inside the load with a shape list: say what to do.
+        theirs = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix)}
+        mine = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if theirs and theirs != mine:
+            pooled = theirs.get("net.0.weight", ())[-2:] == (3, 3) and "net.4.weight" in theirs
+            if pooled:
+                hint = "it holds the pooled head of earlier fewstep runs: resume with --gan_head pooled"
+            else:
+                hint = (f"it was written for another head or feature size (this run: --gan_head {self.kind}, "
+                        f"{self.size[0]}×{self.size[1]} features): resume with the run's own --gan_head and "
+                        "--resolution")
+            raise ConfigError(f"the checkpoint's GAN head does not fit this run's: {hint}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class FakeScore(torch.nn.Module):
@@ -254,7 +302,7 @@ class DMD2(Method):
         head = tap = None
         if mcfg.gan:
             tap = bundle.feature_tap(fake_net)
-            head = ClassifierHead(tap.channels)
+            head = ClassifierHead(tap.channels, tap.size(*self._latent_shape(1)[-2:]), mcfg.gan_head)
         self.guidance = FakeScore(fake_net, head, tap).to(dev)
         self.generator.to(dev)
         if cfg.gradient_checkpointing:

@@ -104,10 +104,11 @@ def net_config(net) -> dict:
 class Tap:
     """Where a discriminator head reads a denoiser's features: ``attach(callback)`` hooks the network so
     that every forward calls ``callback(feature_map)`` with a (B, channels, h, w) tensor, and returns the
-    hook handles."""
+    hook handles; ``size(h, w)``: that map's (h, w) for latents of h × w (a head is built for it)."""
 
     channels: int
     attach: Callable[[Callable[[torch.Tensor], None]], list]
+    size: Callable[[int, int], tuple[int, int]]
 
 
 class ModelBundle:

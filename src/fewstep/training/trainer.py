@@ -329,6 +329,8 @@ class Trainer:
             check_resume_settings(resume, self.spec.to_dict())
             try:
                 acc.load_state(str(resume))
+            except ConfigError:
+                raise  # a load hook that already names the fix
             except (RuntimeError, KeyError, ValueError) as e:  # shapes or keys of another configuration
                 first = " ".join(str(e).split())[:300] or type(e).__name__  # "hundreds of missing keys" cut short
                 raise ResumeMismatch(

@@ -51,6 +51,9 @@ class DisBackConfig(DMD2Config):
         for k in ("degradation_steps", "degradation_interval", "interval"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"--{k} must be >= 1")
+        if self.regression_only:
+            raise ConfigError("--regression_only is DMD2's regression stage: run it with --method dmd2, then "
+                              "start DisBack's generator from it with --generator_ckpt_path")
         if self.disback_stage == "backtracking" and not self.degradation_path:
             raise ConfigError("--disback_stage backtracking needs --degradation_path (the degradation_path folder "
                               "of a --disback_stage degradation run)")

@@ -26,6 +26,17 @@ middle block) that tells re-noised real latents from re-noised G samples; and a 
 teacher noise → image pairs (rows with ``seed`` and ``rand_device`` columns, as ``fewstep generate``
 writes them).
 
+Regression. The target is the teacher's own output for that noise: the row's saved latents
+(``fewstep generate --save_latents``), else the VAE posterior mean of its image (a deterministic target,
+as direct distillation uses; a posterior sample would add noise the generator cannot predict). The loss
+is the latent MSE, or LPIPS between the decoded generator output and the teacher's image
+(``--regression_loss lpips`` with local ``--lpips_weights``; :mod:`fewstep.eval.lpips`). DMD2 runs its
+regression as a separate stage before distribution matching (``main/train_sd_ode.py``: ODE pretraining of G
+on noise → image pairs with LPIPS in image space), then starts DMD2 from that generator; here
+``--regression_only`` is that stage (G alone, the regression loss alone, no fake score built) and
+``--generator_ckpt_path`` starts the next run's G from its output. fewstep also allows the regression
+term inside a DMD2 run (``--regression_loss_weight`` without ``--regression_only``), as DMD (v1) did.
+
 Flow-matching teachers run the same algorithm: timesteps are drawn as levels of the teacher's table
 (:meth:`~fewstep.diffusion.schedule.Schedule.timestep`), x̂₀ comes from the predicted velocity, the fake
 score learns the flow target ε − x₀, and a K-step generator is sampled by FlowMatchLCMScheduler (x̂₀,
@@ -66,6 +77,30 @@ def dm_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor):
         g = torch.nan_to_num((p_real - p_fake) / norm, nan=0.0, posinf=0.0, neginf=0.0).float()
     loss = 0.5 * F.mse_loss(x.float(), (x.detach().float() - g))
     return loss, g
+
+
+def load_generator(net, path: str, denoiser_name: str) -> None:
+    """Load G's starting weights strictly: a fewstep/diffusers output folder (its ``denoiser_name``
+    subfolder, e.g. a ``--regression_only`` run's output), a denoiser folder, or a state-dict file
+    (.safetensors, or a torch.save'd .bin/.pt such as DMD2's ``pytorch_model.bin``)."""
+    p = Path(path)
+    if p.is_dir():
+        sub = p / denoiser_name if (p / denoiser_name / "config.json").is_file() else p
+        if not (sub / "config.json").is_file():
+            raise ConfigError(f"--generator_ckpt_path {path}: no {denoiser_name}/config.json in it; give an "
+                              f"output folder, a {denoiser_name} folder, or a state-dict file (a "
+                              "checkpoint's generator is checkpoint-N/model.safetensors)")
+        sd = type(net).from_pretrained(str(sub), torch_dtype=torch.float32).state_dict()
+    elif p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+    else:
+        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"--generator_ckpt_path {path} does not fit the teacher's {denoiser_name}: missing "
+                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
 def _rounded(values: list) -> list:
@@ -110,7 +145,11 @@ class DMD2Config:
     gan_head: str = "dmd2"  # GAN head: dmd2 (strided 4×4 convs down to 1×1) or pooled (3×3 conv, average)
     diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
     diffusion_gan_max_timestep: int = 1000
-    regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
+    regression_loss_weight: float = 0.0  # weight of G(noise) vs the teacher's output for that noise (seeds)
+    regression_loss: str = "mse"  # mse (latents) or lpips (decoded images; needs --lpips_weights)
+    lpips_weights: str | None = None  # local file: state_dict of lpips.LPIPS(net="vgg"), .pth or .safetensors
+    regression_only: bool = False  # DMD2's ODE-pretraining stage: G on the regression loss alone, no fake net
+    generator_ckpt_path: str | None = None  # start G from these weights: a fewstep output folder or a file
 
     @property
     def gan(self) -> bool:
@@ -140,6 +179,21 @@ class DMD2Config:
             raise ConfigError(f"--gan_head must be one of {', '.join(GAN_HEADS)}")
         if self.diffusion_gan_max_timestep < 1:
             raise ConfigError("--diffusion_gan_max_timestep must be >= 1")
+        if self.regression_loss not in ("mse", "lpips"):
+            raise ConfigError("--regression_loss must be mse or lpips")
+        if self.regression_loss == "lpips" and not self.lpips_weights:
+            raise ConfigError("--regression_loss lpips needs --lpips_weights: a local file with the "
+                              "state_dict of lpips.LPIPS(net='vgg') (nothing is downloaded at run time)")
+        if self.lpips_weights and self.regression_loss != "lpips":
+            raise ConfigError("--lpips_weights is read by --regression_loss lpips only: add it, or drop "
+                              "--lpips_weights")
+        if self.lpips_weights and not Path(self.lpips_weights).is_file():
+            raise ConfigError(f"--lpips_weights {self.lpips_weights}: no such file")
+        if self.regression_only and self.regression_loss_weight <= 0:
+            raise ConfigError("--regression_only trains the generator on the regression loss alone: give "
+                              "--regression_loss_weight > 0 (e.g. 1)")
+        if self.generator_ckpt_path and not Path(self.generator_ckpt_path).exists():
+            raise ConfigError(f"--generator_ckpt_path {self.generator_ckpt_path}: no such file or folder")
 
 
 GAN_HEADS = ("dmd2", "pooled")
@@ -258,6 +312,14 @@ class DMD2(Method):
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:
+        if mcfg.regression_only and (mcfg.gan or mcfg.fake_score_lora_rank is not None):
+            raise ConfigError("--regression_only trains the generator alone (no fake score, no GAN): drop "
+                              "--cls_on_clean_image / --gen_cls_loss_weight / --guidance_cls_loss_weight / "
+                              "--fake_score_lora_rank, or run them in the DMD2 stage that follows")
+        if mcfg.lpips_weights:
+            from ..eval.lpips import LPIPS
+
+            LPIPS.from_file(mcfg.lpips_weights)  # another layout is refused before the teacher loads
         if mcfg.cls_on_clean_image and not mcfg.gan:
             raise ConfigError("--cls_on_clean_image turns the GAN head on, but --gen_cls_loss_weight and "
                               "--guidance_cls_loss_weight are both 0: give one > 0, or drop "
@@ -289,7 +351,10 @@ class DMD2(Method):
         self.lora = mcfg.fake_score_lora_rank is not None
         # Trainable copies first, from the fp32 teacher weights, before the teacher is cast.
         self.generator = bundle.new_denoiser()
-        fake_net = None if self.lora else bundle.new_denoiser()
+        if mcfg.generator_ckpt_path:
+            load_generator(self.generator, mcfg.generator_ckpt_path, bundle.denoiser_name)
+        # The regression stage trains G alone: no fake score is built.
+        fake_net = None if (self.lora or mcfg.regression_only) else bundle.new_denoiser()
         # The frozen teacher (real score) in the mixed-precision dtype; with a LoRA fake score its base
         # weights are the fake score's too and are frozen, so they go to that dtype as well.
         bundle.to(dev, dtype=wdt, denoiser_dtype=wdt if (cfg.cast_teacher_unet or self.lora) else torch.float32)
@@ -303,15 +368,25 @@ class DMD2(Method):
         if mcfg.gan:
             tap = bundle.feature_tap(fake_net)
             head = ClassifierHead(tap.channels, tap.size(*self._latent_shape(1)[-2:]), mcfg.gan_head)
-        self.guidance = FakeScore(fake_net, head, tap).to(dev)
+        self.guidance = None if mcfg.regression_only else FakeScore(fake_net, head, tap).to(dev)
         self.generator.to(dev)
+        self.lpips = None
+        if mcfg.regression_loss == "lpips":
+            from ..eval.lpips import LPIPS
+
+            self.lpips = LPIPS.from_file(mcfg.lpips_weights).to(dev)
         if cfg.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
-            if not self.lora:
+            if fake_net is not None and not self.lora:
                 fake_net.enable_gradient_checkpointing()
 
     # ---- groups and schedule ---------------------------------------------------------------
     def groups(self):
+        m = self.mcfg
+        gen = {"generator": Group(self.generator, lr=m.generator_lr,
+                                  params=list(self.generator.parameters()))}
+        if m.regression_only:
+            return gen
         if self.lora:
             fake = [p for _, p in adapter_params(self._fake_unet(), "default")]
         else:
@@ -319,11 +394,11 @@ class DMD2(Method):
         head = self._guidance().cls_head
         if head is not None:
             fake += list(head.parameters())
-        m = self.mcfg
-        return {"generator": Group(self.generator, lr=m.generator_lr, params=list(self.generator.parameters())),
-                "guidance": Group(self.guidance, lr=m.guidance_lr, params=fake)}
+        return {**gen, "guidance": Group(self.guidance, lr=m.guidance_lr, params=fake)}
 
     def phase(self, step):
+        if self.mcfg.regression_only:
+            return "generator"
         return phase_of(step, self.mcfg.dfake_gen_update_ratio)
 
     # ---- networks --------------------------------------------------------------------------
@@ -422,7 +497,7 @@ class DMD2(Method):
         x = self._generate_x0(self.generator, z, t_g, cond)
         logs = {}
         loss = x.new_zeros(())
-        if m.dm_loss_weight > 0:
+        if m.dm_loss_weight > 0 and not m.regression_only:
             t = sch.timestep(torch.randint(self.min_step, self.max_step + 1, (B,), device=dev))
             x_t = sch.add_noise(x.detach(), torch.randn_like(x), t)
             with torch.no_grad():
@@ -447,17 +522,43 @@ class DMD2(Method):
         return StepOutput(loss, logs)
 
     def regression_loss(self, batch, cond):
-        """G at its first timestep on the recorded teacher noise vs the teacher's image (latents)."""
+        """G at its first timestep on the recorded teacher noise vs the teacher's output for that noise:
+        latent MSE, or LPIPS of the decoded output against the teacher's image."""
         meta = batch.get("meta") or {}
         if "seed" not in meta or "rand_device" not in meta:
             raise ConfigError("--regression_loss_weight needs teacher noise → image pairs: data rows with seed and "
                               "rand_device columns (write them with `fewstep generate`)")
+        if self.cfg.proportion_empty_prompts > 0:
+            # a pair is (prompt, noise) → image: its target is the prompt's, so the prompt is never dropped
+            cond = self.bundle.cond_from_text(self.bundle.batch_text(batch), self._size())
         shape = self._latent_shape(1)[1:]
         noise = batch_noise([int(s) for s in meta["seed"]], meta["rand_device"], shape, device=self.accelerator.device)
         t = torch.tensor([self.timesteps[0]] * noise.shape[0], device=noise.device)
         x = self._generate_x0(self.generator, noise, t, cond)
-        target = self.bundle.batch_latents(batch)
-        return F.mse_loss(x.float(), target.float())
+        saved = self._saved_latents(meta, shape)
+        if self.lpips is None:
+            with torch.no_grad():
+                target = saved if saved is not None else self.bundle.batch_latents(batch, sample=False)
+            return F.mse_loss(x.float(), target.float())
+        with torch.no_grad():
+            image = (self.bundle.decode_pixels(saved) if saved is not None else
+                     batch["pixel_values"].to(x.device, torch.float32))
+        return self.lpips(self.bundle.decode_pixels(x), image).mean()
+
+    def _saved_latents(self, meta, shape) -> torch.Tensor | None:
+        """The teacher's final latents of each row (``fewstep generate --save_latents``), or None."""
+        paths = meta.get("latents")
+        if not paths or not all(paths):
+            return None
+        from safetensors.torch import load_file
+
+        src = Path(self.cfg.train_data_dir)
+        root = src if src.is_dir() else src.parent
+        lat = torch.stack([load_file(str(root / p))["latents"] for p in paths]).to(self.accelerator.device)
+        if tuple(lat.shape[1:]) != tuple(shape):
+            raise ConfigError(f"the rows' saved latents have shape {tuple(lat.shape[1:])}, but --resolution "
+                              f"{self.cfg.resolution} gives {tuple(shape)}: train at the data's resolution")
+        return lat.float()
 
     def _logits(self, net, x, cond):
         """D(x): the head on the fake score's bottleneck, x re-noised first (diffusion GAN)."""

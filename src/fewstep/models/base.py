@@ -281,14 +281,17 @@ class ModelBundle:
         dist = DiagonalGaussianDistribution(moments.to(self.device, non_blocking=True).float())
         return self._scale((dist.sample() if sample else dist.mode()).contiguous())
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1]."""
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], not clamped, with gradients to ``latents`` (an image-space loss's input)."""
         z = latents.to(self.vae.dtype) / self.scaling_factor
         if self.shift_factor:
             z = z + self.shift_factor
-        x = self.vae.decode(z).sample
-        return (x.float() / 2 + 0.5).clamp(0, 1)
+        return self.vae.decode(z).sample.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1]."""
+        return (self.decode_pixels(latents) / 2 + 0.5).clamp(0, 1)
 
     # ---- conditioning -------------------------------------------------------------------------
     def cond_from_text(self, text: Cond, size=None, original_size=None, crop_top_left=None) -> Cond:

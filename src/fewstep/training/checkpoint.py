@@ -52,7 +52,8 @@ class CheckpointError(RuntimeError):
 # Settings that decide which parameters are trained and how the optimizer state is laid out: a
 # checkpoint written under other values cannot be loaded into this run's models and optimizers.
 RESUME_KEYS = ("method", "is_lora", "lora_rank", "lora_target_modules", "fake_score_lora_rank",
-               "fake_score_lora_target_modules", "unet_time_cond_proj_dim", "use_8bit_adam", "gan_head")
+               "fake_score_lora_target_modules", "unet_time_cond_proj_dim", "use_8bit_adam", "gan_head",
+               "regression_only")
 
 
 def check_resume_settings(ckpt: Path, settings: dict) -> None:

@@ -107,3 +107,21 @@ def test_a_run_built_in_python_gets_the_family_defaults(tiny_sdxl, caption_folde
     assert spec.teacher_family is None and spec.method.w_min == 5.0
     tr = Trainer(spec)
     assert tr.spec.teacher_family == "sdxl" and tr.method.mcfg.w_min == 3.0
+
+
+def test_resuming_a_run_recorded_with_another_value_warns(tiny_sdxl, caption_folder, tmp_path, caplog):
+    """A run trained before a family default existed (here: recorded with w_min 5 on SDXL) and resumed
+    without the key would switch recipe mid-run: the trainer says so and how to keep the old value."""
+    import logging
+
+    out = tmp_path / "o"
+    assert main(["distill", *run_args(tiny_sdxl, caption_folder, out, w_min=5.0, max_train_steps=1,
+                                      checkpointing_steps=1)]) == 0
+    from fewstep.training.trainer import Trainer
+
+    tr = Trainer(parse_run(run_args(tiny_sdxl, caption_folder, out, max_train_steps=2,
+                                    resume_from_checkpoint="latest")))
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        tr.start()
+    assert "--w_min is 3.0 now" in caplog.text
+    assert "give --w_min 5.0 to keep training as before" in caplog.text

@@ -19,8 +19,11 @@ from ..config import FamilyDefault
 REGISTRY: dict[str, type[Method]] = {}
 
 # Recipe values that depend on the teacher's family, as data: method name → family label → rules.
-# A table rather than code, so that methods name no family and families no method; the label is the
-# bundle's ``family`` (ModelBundle.family), "*" a rule for every family without its own.
+# Why a table: such a value is neither a fact of the family (nothing about SDXL makes w_min = 3 right)
+# nor of the method alone; it is what a method's reference recipe uses for a family, with a source to
+# cite. Kept as data, no Python in methods/ names a family and no family module names a method, a new
+# family or method adds rows instead of branches, and --dry_run can print each value with its source.
+# The label is the bundle's ``family`` (ModelBundle.family); "*" is a rule for every family without its own.
 FAMILY_DEFAULTS = Path(__file__).with_name("family_defaults.yaml")
 
 

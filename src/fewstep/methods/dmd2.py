@@ -433,7 +433,8 @@ class DMD2(Method):
         if scale == 1.0:
             return sch.to_x0_eps(score(z, t, cond), z, t)[0]
         zz, tt = torch.cat([z, z]), torch.cat([t, t])
-        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, self.bundle.uncond(B, size=self._size(), like=cond))), zz, tt)[0]
+        uncond = self.bundle.uncond(B, size=self._size(), like=cond)
+        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, uncond)), zz, tt)[0]
         x0_c, x0_u = x0.chunk(2)
         return cfg_combine(x0_c, x0_u, scale)
 
@@ -493,11 +494,15 @@ class DMD2(Method):
 
     def generator_loss(self, batch, cond, B):
         m, sch, dev = self.mcfg, self.schedule, self.accelerator.device
+        if m.regression_only:  # the regression stage: no generated batch, no score, no GAN
+            l_reg = self.regression_loss(batch, cond)
+            loss = m.regression_loss_weight * l_reg
+            return StepOutput(loss, {"loss_regression": l_reg.detach(), "loss": loss.detach()})
         z, t_g = self.generator_input(batch, cond, B)
         x = self._generate_x0(self.generator, z, t_g, cond)
         logs = {}
         loss = x.new_zeros(())
-        if m.dm_loss_weight > 0 and not m.regression_only:
+        if m.dm_loss_weight > 0:
             t = sch.timestep(torch.randint(self.min_step, self.max_step + 1, (B,), device=dev))
             x_t = sch.add_noise(x.detach(), torch.randn_like(x), t)
             with torch.no_grad():

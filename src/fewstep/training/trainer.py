@@ -327,6 +327,7 @@ class Trainer:
         resume = resolve_resume(self.out, cfg.resume_from_checkpoint)
         if resume:
             check_resume_settings(resume, self.spec.to_dict())
+            self._warn_changed_family_defaults(resume)
             try:
                 acc.load_state(str(resume))
             except ConfigError:
@@ -346,6 +347,20 @@ class Trainer:
             flat = {k: v for k, v in self.spec.to_dict().items() if isinstance(v, (int, float, str, bool))}
             acc.init_trackers("fewstep", config=flat)
         self._it = self._epoch_iter(skip=st.batch_in_epoch)
+
+    def _warn_changed_family_defaults(self, resume: Path) -> None:
+        """A family default that differs from the value the checkpoint's run recorded (a run from before
+        the default existed) would change the recipe mid-run without a word: say so."""
+        import yaml
+
+        recorded = resume.parent / "fewstep_config.yaml"
+        old = (yaml.safe_load(recorded.read_text()) or {}) if recorded.is_file() else {}
+        now = self.spec.to_dict()
+        for d in self.spec.applied:
+            if d.key in old and old[d.key] != now[d.key]:
+                log.warning("--%s is %r now (the teacher family's default: %s), but %s recorded %r: give "
+                            "--%s %r to keep training as before", d.key, now[d.key], d.source, recorded,
+                            old[d.key], d.key, old[d.key])
 
     def train(self):
         cfg, acc, st = self.cfg, self.acc, self.state

@@ -16,6 +16,11 @@ the public code's non-strict load with prefixed keys can silently keep the old t
 rest of ``--max_train_steps``; ``degradation`` or ``backtracking`` run one stage alone (stage 2 reads the
 path from ``--degradation_path``). The stage, the stage-2 start and the target index are in every
 checkpoint, so each of these resumes exactly.
+
+Where this differs from SYZhang0805/DisBack: the strict target load above; path points may be LoRA
+deltas instead of full copies; both stages run in one command; ``--interval`` counts stage-2 optimizer
+steps (one group per step, as in :mod:`.dmd2`). Everything else (losses, GAN, regression, family
+defaults) is DMD2's, as this module builds on it.
 """
 
 from __future__ import annotations

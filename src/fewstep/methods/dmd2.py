@@ -41,6 +41,14 @@ Flow-matching teachers run the same algorithm: timesteps are drawn as levels of 
 (:meth:`~fewstep.diffusion.schedule.Schedule.timestep`), x̂₀ comes from the predicted velocity, the fake
 score learns the flow target ε − x₀, and a K-step generator is sampled by FlowMatchLCMScheduler (x̂₀,
 then re-noised to the next σ: backward simulation's own step).
+
+Where this differs from tianweiy/DMD2 (``main/``), deliberately: the two time scales are one cycle of
+optimizer steps (same order and ratio; ``--max_train_steps`` counts steps, not iterations); the GAN's
+real samples are the training batch's own images classified under the generated samples' captions and
+SDXL time ids (DMD2 reads a separate real-image set; both give real and generated samples the same
+fixed time ids); the regression term may also run inside a DMD2 run; the regression stage's LPIPS is
+the ``lpips`` package's VGG on the teacher's own VAE (DMD2: ``piq``'s LPIPS on a tiny VAE decoder); the
+fake score may be a LoRA over the teacher. Learning rates are recipe values, not family defaults.
 """
 
 from __future__ import annotations

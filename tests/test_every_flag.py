@@ -122,6 +122,7 @@ def world(tiny_teacher, tiny_teacher_v, tiny_sdxl, caption_folder, tmp_path_fact
     families = {name: load_bundle(str(p), weights=False) for name, p in
                 (("sd", tiny_teacher), ("sdxl", tiny_sdxl), ("sd3", sd3))}
     import torch
+
     from test_dmd2_regression import tiny_lpips_state
 
     for i, name in enumerate(("lpips.pth", "lpips2.pth")):  # two valid LPIPS weight files (read before a run)

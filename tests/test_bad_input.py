@@ -201,9 +201,8 @@ def _bad_values(teacher, data):
              ("unet_time_cond_proj_dim", "3"), ("validation_prompts", ""), ("validation_prompts", "|"),
              ("max_train_samples", "0"), ("max_train_samples", "-3"), ("lr_warmup_steps", "-5"), ("output_dir", ""),
              ("output_dir", str(teacher)), ("output_dir", str(data))]
-    for key, module in (("use_8bit_adam", "bitsandbytes"), ("enable_xformers_memory_efficient_attention", "xformers")):
-        if importlib.util.find_spec(module) is None:
-            cases.append((key, "true"))
+    # (--use_8bit_adam / xformers without their packages are not bad values on a machine without CUDA: the run
+    # falls back to torch's AdamW / SDPA with a warning, tests/test_reference_commands.py)
     if importlib.util.find_spec("wandb") is None:
         cases.append(("report_to", "wandb"))
     return cases

@@ -27,7 +27,7 @@ def pairs(tiny_teacher, tmp_path_factory):
 
 
 def _trainer(teacher, data, out, **kw):
-    args = dict(method="dmd2", dfake_gen_update_ratio=1, real_guidance_scale=2.0, caption_column="prompt",
+    args = dict(method="dmd2", dfake_gen_update_ratio=1, caption_column="prompt",
                 regression_loss_weight=1.0, dm_loss_weight=0.0)
     args.update(kw)
     return Trainer(parse_run(run_args(teacher, data, out, **args)))

@@ -49,8 +49,6 @@ def dry_run(spec) -> int:
     ds, sample = data.dataset, data.sample
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    for line in spec.family_report():
-        print(line)
     if not sample:
         print("data: every shard is a pipe: command, so no sample was opened")
     else:
@@ -60,6 +58,10 @@ def dry_run(spec) -> int:
         print(f"data: {type(ds).__name__}, first sample {tuple(first.shape)} "
               f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else "")
               + skipped)
+    for cmd in data.pipes:
+        print(f"--dry_run does not run pipe: shards; training would run: {cmd}")
+    for line in spec.family_report():
+        print(line)
     print(f"free disk at {cfg.output_dir}: {free / 2**30:.1f} GiB")
     if free < 2**30:
         print("warning: less than 1 GiB free for checkpoints and the exported student", file=sys.stderr)

@@ -49,7 +49,7 @@ class TrainConfig:
     pretrained_vae_model_name_or_path: str | None = None  # another VAE (folder or hub id) to use
     cast_teacher_unet: bool = False  # hold the frozen teacher in the mixed-precision dtype
     model_max_length: int | None = None  # tokenizer length prompts are padded / truncated to (default: the teacher's)
-    is_sdxl: bool | None = field(default=None, metadata={"family": "sdxl"})  # PaddleMIX: assert the teacher is (not) SDXL
+    is_sdxl: bool | None = None  # PaddleMIX: assert the teacher is (not) of a family (models.bundle.FAMILY_FLAGS)
 
     # data
     train_data_dir: str | None = None  # image folder with .txt captions or metadata.jsonl/csv
@@ -551,6 +551,8 @@ def _apply_family_defaults(spec: RunSpec, family: str, common: dict, own: dict) 
             spec.overridden.append((d, getattr(target, d.key)))
             continue
         setattr(target, d.key, _convert(d.key, d.value, fields[d.key].type))
+        # (a family default is not the user's choice: "has no effect" refusals look past it)
+        target.__dict__.setdefault("_family_keys", set()).add(d.key)
         spec.applied.append(d)
 
 
@@ -569,7 +571,8 @@ def changed(obj, *keys: str) -> list[str]:
     """The given keys of a config dataclass whose value differs from its default (as a default instance
     resolves it: ``__post_init__`` may fill in defaults that depend on other keys)."""
     default = type(obj)()
-    return [k for k in keys if getattr(obj, k) != getattr(default, k)]
+    family = getattr(obj, "_family_keys", set())  # set by the teacher family's recipe defaults, not by the user
+    return [k for k in keys if k not in family and getattr(obj, k) != getattr(default, k)]
 
 
 def refuse_changed(obj, keys, why: str) -> None:

@@ -230,8 +230,6 @@ class DMD2Config:
                            "--gen_cls_loss_weight / --guidance_cls_loss_weight (or --cls_on_clean_image), or drop them")
         elif not self.diffusion_gan:
             refuse_changed(self, ("diffusion_gan_max_timestep",), "with --diffusion_gan false: drop it")
-        if self.regression_loss_weight == 0:
-            refuse_changed(self, ("regression_loss",), "with --regression_loss_weight 0 (no regression loss): drop it")
         if self.regression_loss not in ("mse", "lpips"):
             raise ConfigError("--regression_loss must be mse or lpips")
         if self.regression_loss == "lpips" and not self.lpips_weights:
@@ -247,6 +245,8 @@ class DMD2Config:
                               "--regression_loss_weight > 0 (e.g. 1)")
         if self.generator_ckpt_path and not Path(self.generator_ckpt_path).exists():
             raise ConfigError(f"--generator_ckpt_path {self.generator_ckpt_path}: no such file or folder")
+        if self.regression_loss_weight == 0:
+            refuse_changed(self, ("regression_loss",), "with --regression_loss_weight 0 (no regression loss): drop it")
 
 
     def encodes_images(self, cfg) -> bool:
@@ -407,7 +407,8 @@ class _Logits(tuple):
 class DMD2(Method):
     name = "dmd2"
     Config = DMD2Config
-    resume_keys = ("fake_score_lora_rank", "fake_score_lora_target_modules", "gan_head", "regression_only")
+    # (gan_head is not here: the head's load hook refuses the other head with the flag that fixes it)
+    resume_keys = ("fake_score_lora_rank", "fake_score_lora_target_modules", "regression_only")
 
     @classmethod
     def memory_hints(cls, cfg, mcfg):

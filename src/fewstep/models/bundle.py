@@ -34,6 +34,11 @@ def family_classes() -> list[type[ModelBundle]]:
     return [getattr(importlib.import_module(f"{__package__}.{mod}"), name) for mod, name in FAMILIES]
 
 
+# Other tools' flags that assert the teacher's family (PaddleMIX's --is_sdxl): flag → family label. The
+# family itself always comes from the teacher's model_index.json; a flag that contradicts it is refused.
+FAMILY_FLAGS = {"is_sdxl": "sdxl"}
+
+
 def family_of(root: str) -> type[ModelBundle]:
     """The bundle class of a diffusers folder, from its model_index.json alone (no weights read)."""
     p = Path(root) / "model_index.json"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ class DataCheck:
     sample: dict  # the first usable sample, in the order the run's first epoch reads them
     seen: int = 0  # samples read to decide
     skipped: Counter = field(default_factory=Counter)  # bad samples among them, by cause
+    pipes: list = field(default_factory=list)  # pipe: shard commands a dry run did not run
 
 
 def check_packages(cfg: TrainConfig, cuda: bool) -> None:
@@ -135,11 +135,9 @@ def check_data(cfg: TrainConfig, order: Callable[[int, int], Iterable[int]] | No
     from ..data import build_dataset
 
     ds = build_dataset(cfg)
-    if dry and hasattr(ds, "drop_pipes"):  # a pipe: shard is a shell command: a dry run prints, never runs it
-        for cmd in ds.drop_pipes():
-            print(f"--dry_run does not run pipe: shards; training would run: {cmd}", file=sys.stderr)
-        if not ds.units:
-            return DataCheck(ds, {})
+    pipes = ds.drop_pipes() if dry and hasattr(ds, "drop_pipes") else []  # shell commands: a dry run never runs them
+    if pipes and not ds.units:
+        return DataCheck(ds, {}, pipes=pipes)
     is_map = not isinstance(ds, torch.utils.data.IterableDataset)
     need = cfg.train_batch_size * world
     if is_map and len(ds) < need:  # the run drops incomplete batches: it would never make a step
@@ -148,7 +146,7 @@ def check_data(cfg: TrainConfig, order: Callable[[int, int], Iterable[int]] | No
             f"{cfg.train_batch_size} per process x {world} process(es) = {need}, so every batch would be dropped "
             f"(incomplete batches are): lower --train_batch_size to at most {len(ds) // world} or add data")
     items = (ds[i] for i in (order(len(ds), cfg.seed) if order else range(len(ds)))) if is_map else iter(ds)
-    check = DataCheck(ds, {})
+    check = DataCheck(ds, {}, pipes=pipes)
     example = None
     for s in items:
         check.seen += 1
@@ -221,15 +219,17 @@ def check_teacher(spec: RunSpec, bundle) -> None:
     from ..runspec import check_preset_family
 
     cfg = spec.train
+    from ..models.bundle import FAMILY_FLAGS
+
     family = getattr(bundle, "family", None)  # (a method may hold no bundle)
+    check_preset_family(cfg, family)  # (first: a preset of another family explains the refusals below)
     REGISTRY[cfg.method].check_setup(cfg, spec.method, bundle)
     if bundle is not None:
         from ..config import check_teacher_settings
 
         check_teacher_settings(spec, bundle)
-    check_preset_family(cfg, family)
     for f in dataclasses.fields(cfg):
-        want = f.metadata.get("family")
+        want = FAMILY_FLAGS.get(f.name)
         value = getattr(cfg, f.name)
         if want and value is not None and family is not None and value != (family == want):
             raise ConfigError(f"--{f.name} {value}: {cfg.pretrained_teacher_model} is a {family} teacher "

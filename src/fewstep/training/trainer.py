@@ -6,6 +6,7 @@ validation, checkpoints, signals and non-finite losses — and nothing about any
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,6 +35,8 @@ from .checkpoint import (
     save_checkpoint,
     write_state,
 )
+from .seeding import global_position, relayout, reseed
+from .sharding import BuildProxy, Sharding, build_device, plain, rng_mode
 from .speed import check_compile, speed_setup
 
 log = logging.getLogger("fewstep")
@@ -61,6 +64,10 @@ class TrainState:
         # Streamed data: items of the current epoch consumed per rank and loader worker, so a resumed
         # run continues each worker's stream exactly (see data/stream.py).
         self.stream_pos: dict[int, dict[int, int]] = {}
+        # How the global batch was laid out when the checkpoint was written (processes, per-device batch,
+        # accumulation, random streams): a resume on another number of processes converts the data
+        # position from it (training/seeding.py).
+        self.layout: dict | None = None
 
     def state_dict(self):
         return dict(vars(self))
@@ -272,13 +279,23 @@ class Trainer:
             self.bundle.denoiser.enable_xformers_memory_efficient_attention()
 
         # The method moves and casts what it holds frozen; trainables stay fp32 (autocast does the rest).
-        self.method = method_cls(cfg, spec.method, self.bundle, acc)
+        # Under --fsdp on GPUs it builds in CPU memory, and sharding moves each block's shard to the GPU.
+        build = BuildProxy(acc, build_device(acc)) if cfg.fsdp and acc.device.type != "cpu" else acc
+        self.method = method_cls(cfg, spec.method, self.bundle, build)
+        self.method.accelerator = acc
         speed_setup(cfg, self.method, self.bundle, acc.device)
         groups = self.method.groups()
         if cfg.enable_xformers_memory_efficient_attention:
             for g in groups.values():
                 if hasattr(g.module, "enable_xformers_memory_efficient_attention"):
                     g.module.enable_xformers_memory_efficient_attention()
+        self.sharding: Sharding | None = None
+        if cfg.fsdp:  # (training/sharding.py) the groups' parameters are the sharded ones afterwards
+            self.sharding = Sharding(cfg, acc)
+            self.sharding.shard(self.method, groups)
+            self.sharding.relocate(self.method, acc.device)
+            groups = self.method.groups()
+        self.rng = rng_mode(cfg)
         from diffusers.optimization import get_scheduler
 
         self.names = list(groups)
@@ -318,9 +335,16 @@ class Trainer:
             persistent_workers=cfg.dataloader_num_workers > 0 and is_map,
             generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
 
-        prepared = acc.prepare(*[groups[n].module for n in self.names],
-                               *[self.opts[n] for n in self.names], *[self.scheds[n] for n in self.names])
         k = len(self.names)
+        if self.sharding is None:
+            prepared = acc.prepare(*[groups[n].module for n in self.names],
+                                   *[self.opts[n] for n in self.names], *[self.scheds[n] for n in self.names])
+        else:
+            # Sharded networks are not accelerate's to wrap (no DDP) and their state is not its to save (the
+            # sharded checkpoint holds networks and optimizers); it still saves schedules and RNG states.
+            scheds = acc.prepare(*[self.scheds[n] for n in self.names])
+            prepared = [groups[n].module for n in self.names] + [self.opts[n] for n in self.names] + \
+                (list(scheds) if k > 1 else [scheds])
         self.method.bind(dict(zip(self.names, prepared[:k])))
         self.opts = dict(zip(self.names, prepared[k:2 * k]))
         self.scheds = dict(zip(self.names, prepared[2 * k:]))
@@ -402,7 +426,11 @@ class Trainer:
         if resume:
             check_resume_settings(resume, self.spec.to_dict(), TRAINER_RESUME_KEYS + tuple(self.method_cls.resume_keys))
             wanted = self._optimizer_settings()
-            load_checkpoint(acc, resume, st, self.objects)
+            sh = self.sharding
+            load_checkpoint(acc, resume, st, self._json_objects(),
+                            read_sharded=(lambda f: sh.load(f, self.opts)) if sh is not None else None,
+                            rng_required=not self._elastic())
+            relayout(st, self._layout(), self.is_map, resume)
             self._apply_changed_settings(resume, wanted)
             log.info("resumed from %s at step %d", resume, st.step)
             if st.good_steps > 0 and st.nan_steps == 0:
@@ -425,7 +453,8 @@ class Trainer:
             for line in recover(self.out):  # a run killed in the middle of a save leaves temporary folders
                 log.warning("checkpoint recovery: %s", line)
             try:
-                path, notes = resolve_resume(self.out, cfg.resume_from_checkpoint, acc.num_processes)
+                path, notes = resolve_resume(self.out, cfg.resume_from_checkpoint, acc.num_processes,
+                                             elastic=self._elastic())
                 for line in notes:
                     log.warning("checkpoint check: %s", line)
                 choice = [str(path) if path else None, None]
@@ -440,6 +469,20 @@ class Trainer:
             bad_input, msg = err
             raise (ResumeMismatch if bad_input else CheckpointError)(msg)
         return Path(path) if path else None
+
+    def _elastic(self) -> bool:
+        """Whether a checkpoint of another number of processes can resume exactly: per-batch random
+        streams and map-style data (streams keep positions per rank and loader worker)."""
+        return self.rng == "batch" and self.is_map
+
+    def _layout(self) -> dict:
+        return {"processes": self.acc.num_processes, "train_batch_size": self.cfg.train_batch_size,
+                "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps, "rng_streams": self.rng}
+
+    def _json_objects(self) -> dict:
+        """The method's stateful objects fewstep's JSON/safetensors state holds (sharded networks are in
+        the sharded state)."""
+        return self.sharding.json_objects(self.objects) if self.sharding is not None else self.objects
 
     def _optimizer_settings(self) -> dict[str, list[dict]]:
         """Every optimizer's group settings as this run built them (from its command line)."""
@@ -521,13 +564,18 @@ class Trainer:
         self._summary()
         acc.wait_for_everyone()
         result, error = None, None
-        if acc.is_main_process:
-            try:
-                self.export()
-                result = self.out
-                log.info("student written to %s", self.out)
-            except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
-                error = e
+        # Under --fsdp every rank takes part in gathering the full weights to the main process's CPU memory
+        # (a run that trained nothing is refused before: every rank knows it).
+        gather = self.sharding.full_weights(acc.is_main_process) if self.sharding is not None and st.good_steps \
+            else contextlib.nullcontext()
+        with gather:
+            if acc.is_main_process:
+                try:
+                    self.export()
+                    result = self.out
+                    log.info("student written to %s", self.out)
+                except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+                    error = e
         if not agree(acc, error is None):  # the other ranks never wait for a main process that failed
             if error is not None:
                 raise error
@@ -598,11 +646,14 @@ class Trainer:
             mine = st.stream_pos.get(self.acc.process_index, {})
             st.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
         config = self.spec.to_dict()
+        st.layout = self._layout()
+        sh = self.sharding
         path = save_checkpoint(
             self.acc, self.out, st.step, self.cfg.checkpoints_total_limit,
-            write_extra=lambda folder: write_state(folder, st.state_dict(), self.objects, config),
+            write_extra=lambda folder: write_state(folder, st.state_dict(), self._json_objects(), config),
             info={"good_steps": st.good_steps, "last_good_step": st.last_good_step},
-            need_bytes=lambda: checkpoint_bytes(self.out, self.acc, self.objects))
+            need_bytes=lambda: checkpoint_bytes(self.out, self.acc, self.objects),
+            write_sharded=(lambda folder: sh.save(folder, self.opts)) if sh is not None else None)
         self._saved_step = st.step
         self.last_good_ckpt = path
         return path
@@ -630,6 +681,9 @@ class Trainer:
         for _ in range(cfg.gradient_accumulation_steps):
             batch = self._next_batch()
             n_samples += len(batch["caption"])
+            if self.rng == "batch":  # this micro-batch's draws, whichever process runs it (training/seeding.py)
+                reseed(cfg.seed, st.epoch, global_position(st.batch_in_epoch - 1, acc.process_index,
+                                                           acc.num_processes))
             with acc.accumulate(module):
                 # Every network the method runs (frozen teacher and target included) under the mixed-
                 # precision autocast, as the trainable ones already are through accelerate's wrapper.
@@ -647,6 +701,7 @@ class Trainer:
                     # factor is clamped to exactly 1). DeepSpeed clips inside its engine and returns None.
                     gn = acc.clip_grad_norm_(module.parameters(),
                                              cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                    gn = None if gn is None else plain(gn)  # (sharded gradients give a replicated DTensor)
                     bad, cause, gn = self._skip_decision(loss_bad, gn, logs_t, n_samples)
                     if not bad:
                         opt.step()
@@ -654,7 +709,10 @@ class Trainer:
                         # clip_grad_norm_ unscaled the gradients; close the scaler's step so the next
                         # unscale is allowed (found-inf makes it back off its scale, as a skip would).
                         acc.scaler.update()
-                opt.zero_grad(set_to_none=True)
+                if self.sharding is None or acc.sync_gradients:
+                    # (accelerate's optimizer wrapper zeroes only at a sync step; a sharded run's raw
+                    # optimizer must keep the accumulated gradients the same way)
+                    opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {k: v for k, v in self._host_logs.items()}
         logs[f"lr/{phase}"] = opt.param_groups[0]["lr"]  # the learning rate this step used
         self._tick_schedules(phase, st.step)
@@ -737,8 +795,9 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        """Student samples at each validation step count on fixed prompts and seeds → PNG + tracker."""
-        if not self.acc.is_main_process:
+        """Student samples at each validation step count on fixed prompts and seeds → PNG + tracker. Under
+        --fsdp every rank samples (each forward gathers the shards: a collective), the main one writes."""
+        if not self.acc.is_main_process and self.sharding is None:
             self.acc.wait_for_everyone()
             return
         cfg = self.cfg
@@ -753,6 +812,9 @@ class Trainer:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # validation never shifts the training RNG
             rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale) for n in steps]
+        if not self.acc.is_main_process:
+            self.acc.wait_for_everyone()
+            return
         grid = image_grid(rows)
         from PIL import Image
 

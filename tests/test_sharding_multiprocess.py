@@ -77,10 +77,14 @@ def student(out: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_close(a: dict, b: dict, rel=1e-5):
+    """Every tensor within ``rel`` of its norm: ||a - b|| <= rel * ||a||. (A per-element bound would be
+    the wrong measure for tensors that start at zero, such as the guidance embedding's projection: their
+    values are a few Adam steps, where an fp32 summation-order difference in a gradient that nearly
+    cancels shows up at 1e-4 of the element.)"""
     assert a.keys() == b.keys()
     for k in a:
-        scale = max(float(a[k].abs().max()), 1e-12)
-        assert float((a[k] - b[k]).abs().max()) <= rel * scale, k
+        scale = max(float(a[k].double().norm()), 1e-12)
+        assert float((a[k].double() - b[k].double()).norm()) <= rel * scale, k
 
 
 @pytest.mark.slow  # ~3 launches per case, 1-3 minutes each case on 2 shared cores

@@ -462,19 +462,24 @@ def meta_bundle(light):
     return light
 
 
-def dry_run_report(spec, light, processes: list[int]) -> str:
-    """What ``--dry_run`` prints under --fsdp: the method built on the meta device (its real code, no
-    memory), the plan of :func:`plan`, and the bytes each rank holds for each number of processes."""
+def dry_run_plan(spec, light, processes: int) -> tuple[list[Held], list[tuple[str, torch.nn.Module]]]:
+    """The method built on the meta device (its real code, no memory) and the plan of :func:`plan`: the
+    networks it holds and how, and the bundle's other parts."""
     import types
 
     from accelerate import init_empty_weights
 
     cfg = spec.train
-    acc = types.SimpleNamespace(device=torch.device("meta"), num_processes=max(processes), process_index=0,
+    acc = types.SimpleNamespace(device=torch.device("meta"), num_processes=processes, process_index=0,
                                 is_main_process=True, unwrap_model=lambda m: m)
     bundle = meta_bundle(light) if light is not None else None
     with init_empty_weights():  # parameters on the meta device, other tensors (schedules) real
         method = spec.method_cls(cfg, spec.method, bundle, acc)
     held = plan(method, cfg, method.groups())
-    rest = others(bundle, held)
+    return held, others(bundle, held)
+
+
+def dry_run_report(spec, light, processes: list[int]) -> str:
+    """What ``--dry_run`` prints under --fsdp: the bytes each rank holds, for each number of processes."""
+    held, rest = dry_run_plan(spec, light, max(processes))
     return "\n".join(report(held, rest, n, ddp=i == 0) for i, n in enumerate(processes))

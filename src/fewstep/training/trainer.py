@@ -239,9 +239,11 @@ def build_accelerator(cfg, out: Path):
     from accelerate.utils import DistributedType
 
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
-        # accelerate turns FSDP on only for GPU-like devices; on CPU processes it silently runs DDP.
-        log.warning("an FSDP accelerate config was given, but accelerate runs FSDP only on GPUs: this run uses %s "
-                    "(whole model on every rank)", acc.distributed_type.value)
+        # accelerate turns FSDP on only for GPU-like devices; on CPU processes it would silently run DDP.
+        # The config turned --fsdp on (config.apply_launcher_settings): fewstep shards the networks itself.
+        log.warning("an FSDP accelerate config was given; accelerate runs FSDP only on GPUs (%s here), so "
+                    "fewstep shards the networks itself (--fsdp: training/sharding.py)%s",
+                    acc.distributed_type.value, "" if cfg.fsdp else " — but --fsdp is off: whole model on every rank")
     return acc
 
 
@@ -258,7 +260,10 @@ class Trainer:
         self.acc = acc = build_accelerator(cfg, self.out)
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        set_seed(cfg.seed, device_specific=True)  # a different noise stream per rank
+        # A different noise stream per rank. Under --fsdp every rank builds the networks from rank 0's
+        # stream first (random initialisations, LoRA's A matrices, must agree: each rank keeps its own
+        # shard of what it built, where DDP broadcasts rank 0's weights), and takes its own stream after.
+        set_seed(cfg.seed, device_specific=not cfg.fsdp)
         if torch.cuda.is_available():
             # Training shapes are fixed (one resolution, one batch size): autotuning pays once.
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -283,6 +288,8 @@ class Trainer:
         build = BuildProxy(acc, build_device(acc)) if cfg.fsdp and acc.device.type != "cpu" else acc
         self.method = method_cls(cfg, spec.method, self.bundle, build)
         self.method.accelerator = acc
+        if cfg.fsdp and acc.process_index != 0:
+            set_seed(cfg.seed, device_specific=True)
         speed_setup(cfg, self.method, self.bundle, acc.device)
         groups = self.method.groups()
         if cfg.enable_xformers_memory_efficient_attention:

@@ -372,12 +372,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
 @pytest.mark.parametrize("name,kind,procs", [("multi_gpu", "MULTI_GPU", 8), ("multi_node", "MULTI_GPU", 16),
-                                             ("fsdp", "FSDP", 8), ("deepspeed_zero2", "DEEPSPEED", 8)])
+                                             ("fsdp", "FSDP", 8), ("deepspeed_zero2", "DEEPSPEED", 8),
+                                             ("deepspeed_zero3", "DEEPSPEED", 8)])
 def test_accelerate_configs_load_as_launch_reads_them(name, kind, procs):
     from accelerate.commands.config.config_args import load_config_from_file
 
     c = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert c.distributed_type.value == kind and c.num_processes == procs
+    if name.startswith("deepspeed_zero"):
+        assert c.deepspeed_config["zero_stage"] == int(name[-1])
 
 
 def _launcher_env(name: str) -> dict[str, str]:

@@ -36,7 +36,7 @@ from .checkpoint import (
     write_state,
 )
 from .seeding import global_position, relayout, reseed
-from .sharding import BuildProxy, Sharding, build_device, plain, rng_mode
+from .sharding import BuildProxy, Sharding, build_device, plain, rng_mode, zero3_gathered, zero_stage
 from .speed import check_compile, speed_setup
 
 log = logging.getLogger("fewstep")
@@ -573,8 +573,11 @@ class Trainer:
         result, error = None, None
         # Under --fsdp every rank takes part in gathering the full weights to the main process's CPU memory
         # (a run that trained nothing is refused before: every rank knows it).
-        gather = self.sharding.full_weights(acc.is_main_process) if self.sharding is not None and st.good_steps \
-            else contextlib.nullcontext()
+        gather = contextlib.nullcontext()
+        if self.sharding is not None and st.good_steps:
+            gather = self.sharding.full_weights(acc.is_main_process)
+        elif zero_stage(acc) == 3 and st.good_steps:  # parameters partitioned by DeepSpeed: gather them
+            gather = zero3_gathered([g.module for g in self.method.groups().values()])
         with gather:
             if acc.is_main_process:
                 try:

@@ -6,7 +6,7 @@ noise of a micro-batch does not depend on which process runs it: two processes w
 read and draw exactly what one process with 2 accumulation steps of 2 reads and draws (global batch 4).
 The runs then differ only in float summation order (two per-rank means averaged by a reduce-scatter or
 all-reduce vs two micro-batch means accumulated), a few fp32 roundings per step: losses within 1e-5
-relative, final weights within 1e-5 of their scale (max |Δ| / max |w| per tensor).
+relative, the exported weights within 1e-5 of their norm (each tensor within 1e-4 of its own).
 
 Each launch costs 20-60 s on the 2-core test machine, so every test here is in the slow tier; the
 default tier's checks of the same code run one process on a one-rank mesh (tests/test_sharding.py).
@@ -76,15 +76,19 @@ def student(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(f if f.is_file() else out / "pytorch_lora_weights.safetensors"))
 
 
-def assert_close(a: dict, b: dict, rel=1e-5):
-    """Every tensor within ``rel`` of its norm: ||a - b|| <= rel * ||a||. (A per-element bound would be
-    the wrong measure for tensors that start at zero, such as the guidance embedding's projection: their
-    values are a few Adam steps, where an fp32 summation-order difference in a gradient that nearly
-    cancels shows up at 1e-4 of the element.)"""
+def assert_close(a: dict, b: dict, rel=1e-5, per_tensor=1e-4):
+    """The exported weights as one vector within ``rel`` of its norm (||a - b|| <= rel ||a||), and every
+    tensor within ``per_tensor`` of its own norm. (Tensors that start at zero — LoRA's B matrices, the
+    guidance embedding's projection — hold nothing but a few Adam steps, where an fp32 summation-order
+    difference in a gradient that nearly cancels shows up at ~1e-5 of the tensor; a wrong shard, a
+    missed update or a mis-seeded rank moves them by 1e-2 or more.)"""
     assert a.keys() == b.keys()
+    num = den = 0.0
     for k in a:
-        scale = max(float(a[k].double().norm()), 1e-12)
-        assert float((a[k].double() - b[k].double()).norm()) <= rel * scale, k
+        d, scale = float((a[k].double() - b[k].double()).norm()), float(a[k].double().norm())
+        assert d <= per_tensor * max(scale, 1e-12), (k, d, scale)
+        num, den = num + d * d, den + scale * scale
+    assert num ** 0.5 <= rel * den ** 0.5, (num ** 0.5, den ** 0.5)
 
 
 @pytest.mark.slow  # ~3 launches per case, 1-3 minutes each case on 2 shared cores

@@ -520,14 +520,15 @@ def apply_launcher_settings(c) -> None:
             raise ConfigError("--fsdp and an accelerate DeepSpeed config exclude each other: launch with "
                               "configs/accelerate/fsdp.yaml, or drop --fsdp")
         return
-    plugin = launcher_fsdp()
-    if plugin is None:
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return
     where = "the accelerate config (fsdp_config)"
-    if plugin.fsdp_version != 2:
-        raise ConfigError(f"{where} asks for FSDP version {plugin.fsdp_version}; fewstep shards with FSDP2: set "
+    version = os.environ.get("FSDP_VERSION", "1")  # (accelerate's default); read before the plugin, whose
+    if version != "2":  # FSDP1 form may ask for a device this machine lacks
+        raise ConfigError(f"{where} asks for FSDP version {version}; fewstep shards with FSDP2: set "
                           "fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
-    from accelerate.utils.dataclasses import StateDictType
+    plugin = launcher_fsdp()
+    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     if plugin.state_dict_type not in (None, StateDictType.SHARDED_STATE_DICT):

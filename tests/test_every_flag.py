@@ -41,6 +41,8 @@ ALT = {
     "checkpoints_total_limit": [2], "resume_from_checkpoint": ["latest"], "validation_steps": [10, 20],
     "validation_prompts": [["x"]], "validation_inference_steps": [[1]], "validation_guidance_scale": [3.0],
     "max_nan_steps": [5], "pretrained_teacher_model": ["{other_teacher}"],
+    "fsdp": [True], "fsdp_frozen": ["shard", "replicate"], "fsdp_offload": [True], "fsdp_reshard_after_forward": [False],
+    "fsdp_wrap": [["BasicTransformerBlock"]], "rng_streams": ["batch", "rank"],
     "pretrained_vae_model_name_or_path": ["{other_teacher}"],
     # lcm
     "w_min": [3.0], "w_max": [10.0], "num_ddim_timesteps": [25], "loss_type": ["huber", "l2"], "huber_c": [0.01],
@@ -69,7 +71,8 @@ TRAIN_BASES = [{}, {"validation_steps": 0}, {"report_to": "none"}, {"lr_schedule
                {"torch_compile": True}, {"use_8bit_adam": True}, {"mixed_precision": "bf16"},
                {"train_data_dir": None, "train_shards_path_or_url": "s/{0..3}.tar"},
                {"train_data_dir": None, "file_list": "list.txt"}, {"train_data_dir": None, "dataset_name": "mnist"},
-               {"train_data_dir": None, "cache_dir": "{cache}"}, {"pretrained_teacher_model": "org/teacher"}]
+               {"train_data_dir": None, "cache_dir": "{cache}"}, {"pretrained_teacher_model": "org/teacher"},
+               {"fsdp": True}]
 BASES = {
     "lcm": TRAIN_BASES + [{"lora_rank": 4}, {"lora_rank": 4, "mixed_precision": "bf16"}, {"loss_type": "huber"}],
     "direct": [{}, {"lora_rank": 4}, {"validation_steps": 0}],

@@ -14,6 +14,7 @@ default tier's checks of the same code run one process on a one-rank mesh (tests
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -115,10 +116,34 @@ def test_fsdp_two_processes_equal_one_process_and_ddp(case, tiny_teacher, captio
         assert moved
 
 
-def _wait_for(path: Path, proc, timeout=600):
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc: the ranks torchrun started)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(path: Path, proc, log: Path, timeout=600):
     t0 = time.time()
     while not (path / "fewstep_complete").is_file():
-        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "run ended"
+        assert proc.poll() is None, log.read_text()[-3000:]
         assert time.time() - t0 < timeout
         time.sleep(0.2)
 
@@ -129,7 +154,8 @@ def test_fsdp_kill_resume_and_resume_on_other_process_counts(tiny_teacher, capti
     checkpoint-2, then resume on 2 (bit-identical export); the 2-process checkpoint-2 resumed on 1 process
     (2 accumulation steps: the same continuation); a 1-process checkpoint-2 resumed on 2 processes."""
     def args(out, procs, **kw):
-        return _args(tiny_teacher, caption_folder, out, procs, True, max_train_steps=4, checkpointing_steps=2, **kw)
+        return _args(tiny_teacher, caption_folder, out, procs, True, **{"max_train_steps": 4, "checkpointing_steps": 2,
+                                                                        **kw})
 
     straight = tmp_path / "straight"
     _ok(launch(args(straight, 2), 2, driver=False))
@@ -140,13 +166,21 @@ def test_fsdp_kill_resume_and_resume_on_other_process_counts(tiny_teacher, capti
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fewstep",
            "distill", *args(killed, 2, max_train_steps=40)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
+    log = open(tmp_path / "killed.log", "w")  # (a file, not a pipe: a full pipe would block the ranks)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=ENV, start_new_session=True)
     try:
-        _wait_for(killed / "checkpoint-2", proc)
+        _wait_for(killed / "checkpoint-2", proc, tmp_path / "killed.log")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+        # the launcher and both ranks (torchrun starts each rank in a session of its own), all at once
+        pids = [*descendants(proc.pid), proc.pid]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
+        log.close()
+    assert len(pids) >= 3  # (the launcher and its two ranks were found)
+    time.sleep(1)
+    assert not [p for p in pids if _alive(p)]
     assert not (killed / "unet").exists()
     for c in [*killed.glob("checkpoint-*"), *killed.glob(".tmp-checkpoint-*")]:  # as if killed right after 2
         if c.name != "checkpoint-2":

@@ -35,7 +35,7 @@ def unet(out: Path) -> dict[str, torch.Tensor]:
 
 def test_one_rank_fsdp_trains_what_the_plain_run_trains_and_exports_offline(tiny_teacher, caption_folder, tmp_path):
     """lcm, 3 steps, per-batch random streams on both sides: the sharded run's export equals the plain
-    run's (one rank: the same sums, so within fp32 rounding of the gather); its checkpoint holds the
+    run's (one rank: the same sums up to fp32 rounding, each tensor within 1e-5 of its norm); its checkpoint holds the
     sharded state in the manifest, and `fewstep export --from_checkpoint` writes the run's own export
     byte for byte."""
     kw = dict(max_train_steps=3, checkpointing_steps=3, learning_rate=1e-3, rng_streams="batch")
@@ -46,7 +46,7 @@ def test_one_rank_fsdp_trains_what_the_plain_run_trains_and_exports_offline(tiny
     assert a.keys() == b.keys()
     assert any(k in start and not torch.equal(a[k], start[k]) for k in a)  # it trained
     for k in a:
-        assert float((a[k].double() - b[k].double()).norm()) <= 1e-6 * max(float(a[k].double().norm()), 1e-12), k
+        assert float((a[k].double() - b[k].double()).norm()) <= 1e-5 * max(float(a[k].double().norm()), 1e-12), k
 
     ckpt = tmp_path / "fsdp" / "checkpoint-3"
     files = json.loads((ckpt / "fewstep_complete").read_text())["files"]

@@ -528,8 +528,8 @@ def apply_launcher_settings(c) -> None:
         raise ConfigError(f"{where} asks for FSDP version {version}; fewstep shards with FSDP2: set "
                           "fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
     plugin = launcher_fsdp()
-    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
     from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
 
     if plugin.state_dict_type not in (None, StateDictType.SHARDED_STATE_DICT):
         raise ConfigError(f"{where}: fsdp_state_dict_type {plugin.state_dict_type.name}; fewstep's checkpoints "

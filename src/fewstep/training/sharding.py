@@ -317,12 +317,15 @@ class Sharding:
             units = units_of(root, self.cfg.fsdp_wrap)
             for unit in reversed(units):  # inner blocks before the blocks that contain them
                 fully_shard(unit, **kw)
-            # The root's own parameters (stem, embeddings, heads: the parameters outside the units) stay
-            # gathered from forward to backward (FSDP's root heuristic, reshard_after_forward=None): a
-            # gradient may enter the network at an inner feature rather than at its output (DMD2's GAN head
-            # on the fake score's bottleneck), where the root's pre-backward gather would never run.
-            fully_shard(root, **{**kw, "reshard_after_forward": None if self.cfg.fsdp_reshard_after_forward
-                                 else False})
+            # A trained root's own parameters (stem, embeddings, heads: those outside the units) stay
+            # gathered from forward to the end of backward (FSDP's root heuristic, reshard_after_forward
+            # None): a gradient may enter the network at an inner feature rather than at its output (DMD2's
+            # GAN head on the fake score's bottleneck), where the root's pre-backward gather would never
+            # run. Networks that never run backward (EMA targets, frozen ones) reshard as configured: no
+            # backward would ever reshard them, and an EMA update must find its shards.
+            rule = (None if self.cfg.fsdp_reshard_after_forward else False) if role == "trained" else \
+                self.cfg.fsdp_reshard_after_forward
+            fully_shard(root, **{**kw, "reshard_after_forward": rule})
             count += len(units) + 1
         return count
 
@@ -386,10 +389,21 @@ class Sharding:
         sharded = {id(h.module) for h in self.held if h.role == "state"}
         return {k: o for k, o in objects.items() if id(o) not in sharded}
 
+    def reshard(self) -> None:
+        """Every sharded network back to its shards (a trained root stays gathered after a forward run
+        without backward, such as a validation sample): what checkpoints and exports read."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for h in self.held:
+            for m in h.module.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
     # ---- checkpoints ------------------------------------------------------------------------------
     def _state(self, optimizers: dict[str, Any]) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+        self.reshard()
         nets = {h.name: h for h in self.held if h.role in ("trained", "state")}
         state: dict[str, Any] = {"networks": {n: get_model_state_dict(h.module) for n, h in nets.items()}}
         state["optimizers"] = {n: get_optimizer_state_dict(nets[n].module, _inner(opt))
@@ -425,6 +439,7 @@ class Sharding:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self.reshard()
         fulls = [(h.module, get_model_state_dict(h.module, options=opts))
                  for h in self.held if h.role in ("trained", "state") and h.shard]
         if not is_main:

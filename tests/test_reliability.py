@@ -413,12 +413,18 @@ def test_fsdp_config_turns_fewstep_sharding_on_with_its_settings(tmp_path, monke
     assert not cfg.gradient_checkpointing
     with pytest.raises(ConfigError, match="contradicts the accelerate config"):
         parse_run(["--pretrained_teacher_model", "t", "--report_to", "none", "--fsdp_reshard_after_forward", "false"])
-    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
     monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "BasicTransformerBlock,ResnetBlock2D")
     cfg = parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"]).train
-    assert cfg.fsdp_offload and cfg.gradient_checkpointing and cfg.fsdp_wrap == ["BasicTransformerBlock", "ResnetBlock2D"]
+    assert cfg.gradient_checkpointing and cfg.fsdp_wrap == ["BasicTransformerBlock", "ResnetBlock2D"]
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    if torch.cuda.is_available():
+        assert parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"]).train.fsdp_offload
+    else:  # (offloading moves shards off a GPU: refused where there is none)
+        with pytest.raises(ConfigError, match="--fsdp_offload"):
+            parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"])
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"])

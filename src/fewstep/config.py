@@ -500,6 +500,12 @@ def validate_sharding(c: TrainConfig) -> None:
     for flag, (on, msg) in why.items():
         if on:
             raise ConfigError(f"--fsdp with --{flag}: {msg}")
+    if c.fsdp_offload:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--fsdp_offload moves the shards from the GPU into CPU memory; without a GPU they are in "
+                              "CPU memory already: drop it")
 
 
 def launcher_fsdp() -> Any | None:

@@ -317,15 +317,10 @@ class Sharding:
             units = units_of(root, self.cfg.fsdp_wrap)
             for unit in reversed(units):  # inner blocks before the blocks that contain them
                 fully_shard(unit, **kw)
-            # A trained root's own parameters (stem, embeddings, heads: those outside the units) stay
-            # gathered from forward to the end of backward (FSDP's root heuristic, reshard_after_forward
-            # None): a gradient may enter the network at an inner feature rather than at its output (DMD2's
-            # GAN head on the fake score's bottleneck), where the root's pre-backward gather would never
-            # run. Networks that never run backward (EMA targets, frozen ones) reshard as configured: no
-            # backward would ever reshard them, and an EMA update must find its shards.
-            rule = (None if self.cfg.fsdp_reshard_after_forward else False) if role == "trained" else \
-                self.cfg.fsdp_reshard_after_forward
-            fully_shard(root, **{**kw, "reshard_after_forward": rule})
+            # (explicitly, not FSDP's root heuristic of keeping a root gathered after forward: a forward
+            # without backward — DMD2's generator sampling for the fake score's step, a validation
+            # sample — would then leave it gathered across an optimizer step of its shards)
+            fully_shard(root, **kw)
             count += len(units) + 1
         return count
 

@@ -63,7 +63,7 @@ ALT = {
     # teacher
     "teacher_preset": ["tiny"], "prediction_type": ["v_prediction"], "vae_train_steps": [100, 200],
     "vae_learning_rate": [1e-4], "vae_kl_weight": [1e-5], "teacher_ema_decay": [0.99], "caption_dropout": [0.2],
-    "teacher_guidance_scale": [3.0], "teacher_inference_steps": [25],
+    "teacher_guidance_scale": [3.0], "teacher_inference_steps": [25], "teacher_vae": ["{other_teacher}"],
 }
 
 # Base settings per method (on top of COMMON): the combinations in which keys turn on or off.
@@ -86,6 +86,15 @@ BASES = {
                 {"disback_stage": "backtracking", "degradation_path": "p"}],
     "teacher": [{}, {"vae_train_steps": 0}, {"validation_steps": 0}],
 }
+
+
+@pytest.fixture(autouse=True)
+def optional_packages(monkeypatch):
+    """The optional packages (bitsandbytes, xformers, wandb) count as installed here: the question is
+    whether their options are used, not whether this machine has them (their absence has its own test)."""
+    import fewstep.config
+
+    monkeypatch.setattr(fewstep.config, "installed", lambda module: True)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +135,7 @@ def _raw(method, common, base, paths):
 
 def _check(spec: RunSpec, bundle):
     """The refusals of --dry_run / the trainer once the teacher is known (no weights are loaded)."""
-    REGISTRY[spec.train.method].check_setup(spec.train, spec.method, bundle.family)
+    REGISTRY[spec.train.method].check_setup(spec.train, spec.method, bundle)
     check_teacher_settings(spec, bundle)
 
 
@@ -147,7 +156,7 @@ def test_every_key_changes_the_used_settings_or_is_refused(world):
         fams = ["sd"] if not REGISTRY[method].needs_teacher else list(families)
         for base in BASES[method]:
             raw0 = _raw(method, common, base, paths)
-            spec0 = resolve(raw0, {m: c.Config for m, c in REGISTRY.items()})
+            spec0 = resolve(raw0, REGISTRY)
             for fam in fams:
                 bundle = families[fam]
                 try:
@@ -163,7 +172,7 @@ def test_every_key_changes_the_used_settings_or_is_refused(world):
                         next((_fill(v, paths) for v in ALT[key] if _fill(v, paths) != current), None)
                     assert value is not None, f"ALT[{key!r}] has no value other than {current!r}"
                     try:
-                        spec1 = resolve({**raw0, key: value}, {m: c.Config for m, c in REGISTRY.items()})
+                        spec1 = resolve({**raw0, key: value}, REGISTRY)
                         _check(spec1, bundle)
                     except ConfigError:
                         continue  # refused: the user is told
@@ -207,7 +216,7 @@ def test_named_refusals(argv, match, world):
 def test_fix_crop_is_refused_where_the_family_has_no_micro_conditioning(world):
     """Decided by the teacher's denoiser config (SDXL's text_time embedding), not by a family name."""
     paths, families, common = world
-    spec = resolve({**common, "use_fix_crop_and_size": True}, {m: c.Config for m, c in REGISTRY.items()})
+    spec = resolve({**common, "use_fix_crop_and_size": True}, REGISTRY)
     check_teacher_settings(spec, families["sdxl"])
     for fam in ("sd", "sd3"):
         with pytest.raises(ConfigError, match="no micro-conditioning"):

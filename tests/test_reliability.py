@@ -84,8 +84,8 @@ def assert_same_folder(a: Path, b: Path, pattern="*", exports_only=False) -> Non
     for rel in fa:
         if rel.name in ("fewstep_config.yaml", "README.md"):  # carry the output folder's own name
             continue
-        if rel.name == ck.COMPLETE:  # the manifest: checksums of the files compared here
-            continue
+        if rel.name in (ck.COMPLETE, ck.RUN_FILE):  # the manifest (checksums of the files compared here);
+            continue  # the run's id and wall-clock (two runs to the same state differ there)
         if rel.name == ck.STATE_JSON:  # fewstep's state: equal but for the recorded config (folder names)
             sa, sb = (ck.read_state_file(x / rel.parent) for x in (a, b))
             assert _equal({**sa, "config": None}, {**sb, "config": None}), f"{rel} differs"

@@ -141,7 +141,7 @@ def test_schedules_resume_exactly(tiny_teacher, caption_folder, tmp_path):
     tr = dmd2(tiny_teacher, caption_folder, tmp_path / "b", **kw)
     tr.start()
     first = replay(tr, 7)
-    tr.state.step = 7
+    tr.state.step = tr.state.good_steps = 7  # as if 7 steps had run (checkpoints are written after good steps)
     tr.save()
     tr2 = dmd2(tiny_teacher, caption_folder, tmp_path / "b", resume_from_checkpoint="latest", **kw)
     tr2.start()

@@ -88,9 +88,10 @@ def _image_key(row: dict, wanted: str, where: str) -> str:
 Record = tuple[str, "str | None", dict[str, str]]  # (image path, caption, other metadata columns)
 
 
-def read_metadata(path: Path, image_column: str, caption_column: str) -> list[Record]:
+def read_metadata(path: Path, image_column: str, caption_column: str, base_path: str | None = None) -> list[Record]:
     """Rows of a CSV / JSON / JSONL metadata file as (image path, caption, other columns); image paths are
-    relative to the file."""
+    relative to the file, or to ``base_path`` (DiffSynth-Studio's --dataset_base_path; "" is the working
+    folder)."""
     # Bytes that are not UTF-8 are kept as lone surrogates ("surrogateescape"), so one bad row is skipped
     # and counted as "caption not UTF-8" instead of stopping the whole file.
     lines: list[int] = []  # line number of each row, for the skip message
@@ -122,7 +123,7 @@ def read_metadata(path: Path, image_column: str, caption_column: str) -> list[Re
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ConfigError(f"{path}: every row must be an object of column: value")
     ik, ck = _image_key(rows[0], image_column, str(path)), _caption_key(rows[0], caption_column, str(path))
-    base = path.parent
+    base = path.parent if base_path is None else Path(base_path)
     out: list[Record] = []
     for r, n in zip(rows, lines):
         if _has_bad_bytes(r):
@@ -134,18 +135,26 @@ def read_metadata(path: Path, image_column: str, caption_column: str) -> list[Re
     return out
 
 
-def scan_folder(root: Path, image_column: str, caption_column: str) -> list[Record]:
-    """An image folder: metadata.jsonl / metadata.csv if present, else images with .txt sidecars."""
+# Caption sidecars looked for next to each image when --caption_extension is not given: diffusers' and
+# most tools' .txt, then kohya's .caption.
+CAPTION_EXTS = (".txt", ".caption")
+
+
+def scan_folder(root: Path, image_column: str, caption_column: str, caption_extension: str | None = None,
+                base_path: str | None = None) -> list[Record]:
+    """An image folder: metadata.jsonl / metadata.csv if present, else images with caption sidecars
+    (``img.png`` + ``img.txt``, or kohya's ``img.caption``; ``caption_extension`` picks one)."""
     for name in ("metadata.jsonl", "metadata.csv", "metadata.json"):
         if (root / name).is_file():
-            return read_metadata(root / name, image_column, caption_column)
+            return read_metadata(root / name, image_column, caption_column, base_path)
+    exts = CAPTION_EXTS if not caption_extension else ("." + caption_extension.strip().lstrip("."),)
     records = []
     other: Counter = Counter()
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() in IMAGE_EXTS and p.is_file():
-            txt = p.with_suffix(".txt")
-            records.append((str(p), read_caption(txt) if txt.is_file() else None, {}))
-        elif p.is_file() and p.suffix.lower() not in (".txt", ".caption", ".json", ".jsonl", ".csv", ".md"):
+            side = next((p.with_suffix(e) for e in exts if p.with_suffix(e).is_file()), None)
+            records.append((str(p), read_caption(side) if side else None, {}))
+        elif p.is_file() and p.suffix.lower() not in (*exts, ".txt", ".caption", ".json", ".jsonl", ".csv", ".md"):
             other[p.suffix.lower() or p.name] += 1
     if other:  # said once, so that images in a format read by nothing here are never dropped silently
         log.warning("%s: %d file(s) that are neither images (%s) nor captions are not used: %s", root,
@@ -229,8 +238,10 @@ def build_dataset(cfg, for_rank: int = 0, world: int = 1):
         root = Path(cfg.train_data_dir)
         if not root.exists():
             raise ConfigError(f"--train_data_dir {root}: no such file or folder")
-        records = (read_metadata(root, cfg.image_column, cfg.caption_column) if root.is_file()
-                   else scan_folder(root, cfg.image_column, cfg.caption_column))
+        base = getattr(cfg, "dataset_base_path", None)
+        records = (read_metadata(root, cfg.image_column, cfg.caption_column, base) if root.is_file()
+                   else scan_folder(root, cfg.image_column, cfg.caption_column,
+                                    getattr(cfg, "caption_extension", None), base))
         if not records:
             raise ConfigError(
                 f"--train_data_dir {root} holds no images ({', '.join(IMAGE_EXTS)}) and no metadata.jsonl/csv; "

@@ -148,6 +148,7 @@ class Direct(Method):
     name = "direct"
     Config = DirectConfig
     resume_keys = ("lora_rank", "lora_target_modules")
+    task_names = ("direct_distill",)  # DiffSynth-Studio's --task for this method
 
     @classmethod
     def memory_hints(cls, cfg, mcfg):

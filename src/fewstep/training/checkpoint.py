@@ -55,6 +55,9 @@ STATE_JSON = "fewstep_state.json"  # counters, data positions, non-tensor values
 STATE_TENSORS = "fewstep_state.safetensors"  # tensors of the method's stateful objects
 SHARDED_DIR = "sharded"  # --fsdp: networks and optimizers, one file per rank (torch.distributed.checkpoint)
 FORMAT = 2  # 1: the marker held the step, the state was pickled by accelerate (custom_checkpoint_<i>.pkl)
+# Which run wrote the checkpoint (rotation only removes the current run's) and its training time so far. Not
+# part of the training state: two runs to the same step have equal states and different ids and clocks.
+RUN_FILE = "fewstep_run.json"
 _PAT = re.compile(r"^checkpoint-(\d+)$")
 FAULT_ENV = "FEWSTEP_TEST_FAULT"
 # Settings of the trainer itself that decide the optimizer state's layout; each method adds its own
@@ -567,13 +570,85 @@ def write_manifest(folder: Path, step: int, info: dict | None = None) -> dict:
     return manifest
 
 
+def run_info(ckpt: Path) -> dict:
+    """``{"run_id", "train_seconds"}`` of the run that wrote ``ckpt`` ({} for checkpoints of fewstep
+    versions without them)."""
+    import json
+
+    p = Path(ckpt) / RUN_FILE
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def run_id_of(ckpt: Path) -> str:
+    """The id of the run that wrote ``ckpt`` ("" for checkpoints of fewstep versions without ids)."""
+    return str(run_info(ckpt).get("run_id", ""))
+
+
+def previous_run(out_dir: Path) -> str | None:
+    """What another run left in ``out_dir`` that a new run would clobber: its checkpoints (complete or not)
+    and its exported student. None when there is nothing of the kind."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    what = [p.name for _, p in list_checkpoints(out_dir)]
+    what += [p.name for p in sorted(out_dir.glob(".tmp-checkpoint-*"))]
+    exported = [n for n in EXPORT_MARKERS if (out_dir / n).exists()]
+    if exported:
+        what.append("an exported student (" + ", ".join(exported) + ")")
+    return ", ".join(what) or None
+
+
+# Files every fewstep export writes (the pipeline index, or the LoRA weights; the sampling hints of the card).
+EXPORT_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors", "fewstep_sampling.json")
+
+
+def clear_previous_run(out_dir: Path) -> list[str]:
+    """``--overwrite_output_dir``: delete the previous run's checkpoints and exported student (the folders its
+    model_index.json names, the LoRA files, the card, the sampling hints and resolved config), so that
+    neither a later ``latest`` resume nor a loader can pick up the old run. Other files stay."""
+    import json
+
+    out_dir = Path(out_dir)
+    gone = []
+    victims = [p for _, p in list_checkpoints(out_dir)]
+    victims += [p for pre in (".tmp-", ".old-", ".trash-") for p in out_dir.glob(pre + "checkpoint-*")]
+    index = out_dir / "model_index.json"
+    if index.is_file():
+        try:
+            parts = [k for k in json.loads(index.read_text()) if not k.startswith("_")]
+        except (ValueError, AttributeError):
+            parts = []
+        victims += [out_dir / k for k in parts if (out_dir / k).is_dir()]
+    victims += [out_dir / "scheduler"] + list(out_dir.glob("pytorch_lora_weights*.safetensors"))
+    victims += [out_dir / n for n in ("model_index.json", "fewstep_sampling.json", "fewstep_lora.json",
+                                      "fewstep_config.yaml")]
+    card = out_dir / "README.md"
+    if card.is_file() and "fewstep" in card.read_text(errors="replace")[:400]:
+        victims.append(card)
+    for p in victims:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+        elif p.exists():
+            p.unlink()
+            gone.append(p.name)
+    return gone
+
+
 def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | None, write_extra=None,
-                    info: dict | None = None, need_bytes=None, write_sharded=None) -> Path:
+                    info: dict | None = None, need_bytes=None, run: dict | None = None,
+                    write_sharded=None) -> Path:
     """Save to ``.tmp-checkpoint-<step>`` (accelerate's state and ``write_sharded(tmp)`` on every rank, then
-    ``write_extra(tmp)`` on the main process), write the manifest, rename, rotate older checkpoints. Every rank learns whether
-    every other one succeeded (one all-reduce per phase), so a failure on one rank never leaves the
-    others waiting in a barrier. A full disk removes the temporary folder and raises
-    :class:`CheckpointError` with the free space and the space a checkpoint needs."""
+    ``write_extra(tmp)`` on the main process), write the manifest, rename, rotate older checkpoints of the
+    same run (``run["run_id"]``, written with the rest of ``run`` to :data:`RUN_FILE`; None: every complete
+    checkpoint in the folder counts). Every rank learns whether every other one succeeded (one all-reduce
+    per phase), so a failure on one rank never leaves the others waiting in a barrier. A full disk removes
+    the temporary folder and raises :class:`CheckpointError` with the free space and the space a
+    checkpoint needs."""
+    run_id = None if run is None else str(run["run_id"])
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
@@ -595,6 +670,8 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
     if agree(accelerator, error is None) and main:
         try:
             fault_point("before_marker", step)
+            if run is not None:
+                (tmp / RUN_FILE).write_text(json.dumps(run) + "\n")
             write_manifest(tmp, step, info)
             fsync_tree(tmp)
             fault_point("before_rename", step)
@@ -611,7 +688,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
             error = e
         else:
             try:  # the new checkpoint is complete: a failure to delete old ones only warrants a warning
-                rotate(out_dir, total_limit, step)
+                rotate(out_dir, total_limit, step, run_id)
             except OSError as e:
                 log.warning("checkpoint rotation in %s failed (%s); older checkpoints were kept", out_dir, e)
     if agree(accelerator, error is None):
@@ -678,15 +755,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rotate(out_dir: Path, total_limit: int | None, step: int = -1) -> None:
-    """Keep the newest ``total_limit`` complete checkpoints; drop stale temporary folders. An old
-    checkpoint is first renamed out of the ``checkpoint-N`` namespace, so a kill in the middle of
-    deleting it can never leave a half-deleted folder that still looks complete."""
+def rotate(out_dir: Path, total_limit: int | None, step: int = -1, run_id: str | None = None) -> None:
+    """Keep the newest ``total_limit`` complete checkpoints of run ``run_id`` (None: of any run); drop stale
+    temporary folders. An old checkpoint is first renamed out of the ``checkpoint-N`` namespace, so a
+    kill in the middle of deleting it can never leave a half-deleted folder that still looks complete.
+    Checkpoints of another run are never touched: highest step numbers are not "newest" across runs."""
     for p in out_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
     if not total_limit:
         return
-    ckpts = list_checkpoints(out_dir)
+    ckpts = [(s, p) for s, p in list_checkpoints(out_dir) if run_id is None or run_id_of(p) == run_id]
     for _, p in ckpts[: max(0, len(ckpts) - total_limit)]:
         trash = out_dir / (".trash-" + p.name)
         os.replace(p, trash)

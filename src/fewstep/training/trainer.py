@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, RunSpec, check_teacher_settings
+from ..config import ConfigError, RunSpec
 from ..data import build_dataset, collate
 from ..export import write_model_card
+from ..logs import quiet_libraries
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
 from .checkpoint import (
     TRAINER_RESUME_KEYS,
@@ -29,15 +30,18 @@ from .checkpoint import (
     agree,
     check_resume_settings,
     checkpoint_bytes,
+    clear_previous_run,
     load_checkpoint,
     recover,
     resolve_resume,
+    run_info,
     save_checkpoint,
     write_state,
 )
+from .preflight import apply_text_length, check_run, check_teacher, wandb_reachable
 from .seeding import global_position, relayout, reseed
 from .sharding import BuildProxy, Sharding, build_device, plain, rng_mode, zero3_gathered, zero_stage
-from .speed import check_compile, speed_setup
+from .speed import speed_setup
 
 log = logging.getLogger("fewstep")
 
@@ -221,11 +225,19 @@ def build_accelerator(cfg, out: Path):
     # The distributed PartialState (ranks, process group) is kept.
     AcceleratorState._reset_state()
     log_with = None if cfg.report_to == "none" else cfg.report_to
-    if log_with == "wandb":
+    if log_with in ("wandb", "all"):
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise ConfigError("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
+        if not os.environ.get("WANDB_MODE") and not wandb_reachable():
+            # No network: wandb's offline mode writes the run under OUT/logs/wandb for `wandb sync` later.
+            os.environ["WANDB_MODE"] = "offline"
+            print(f"wandb: the server cannot be reached; logging offline to {out / cfg.logging_dir}/wandb (upload "
+                  f"later with `wandb sync {out / cfg.logging_dir}/wandb/offline-run-*`)", file=sys.stderr)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.find_unused_parameters else []
     acc = Accelerator(
         # On a machine without CUDA, cpu=True lets several processes started by torchrun form a gloo
         # process group (MULTI_CPU); without it each would run alone and all would write OUT.
@@ -235,6 +247,7 @@ def build_accelerator(cfg, out: Path):
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        kwargs_handlers=handlers,
     )
     from accelerate.utils import DistributedType
 
@@ -255,11 +268,21 @@ class Trainer:
 
         self.spec, cfg = spec, spec.train
         self.cfg = cfg
+        # What the run would refuse, before anything is loaded or written (the same checks as --dry_run).
+        self.preflight = check_run(spec, order=lambda n, seed: iter(EpochSampler(n, seed)))
+        self.resume_hint = "the same command plus --resume_from_checkpoint latest"  # (the demo says its own)
+        self.on_save: list = []  # callbacks (step, training seconds so far, checkpoint path), main process
+        import uuid
+
+        # Which run this is (a resume continues the run it loads: rotation removes only this run's checkpoints),
+        # and the wall-clock spent in its training loop (steps and data; not validation, saving, loading).
+        self.run_id, self.train_seconds = uuid.uuid4().hex, 0.0
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.acc = acc = build_accelerator(cfg, self.out)
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        quiet_libraries()  # accelerate logs ~8 INFO lines per checkpoint; fewstep writes one
         # A different noise stream per rank. Under --fsdp every rank builds the networks from rank 0's
         # stream first (random initialisations, LoRA's A matrices, must agree: each rank keeps its own
         # shard of what it built, where DDP broadcasts rank 0's weights), and takes its own stream after.
@@ -272,12 +295,11 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.method_cls = method_cls = spec.method_cls
-        check_compile(cfg, acc.device.type)  # before any weight loads
         if bundle is None:  # settings × the teacher's configs, before its weights load
-            check_teacher_settings(spec, method_cls.preflight(cfg, spec.method))
+            check_teacher(spec, method_cls.preflight(cfg, spec.method))
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
-        if bundle is not None:
-            check_teacher_settings(spec, bundle)
+        check_teacher(spec, self.bundle)
+        apply_text_length(cfg, self.bundle)
         if method_cls.needs_teacher and bundle is None:
             check_finite_weights(self.bundle, cfg.pretrained_vae_model_name_or_path)
         if cfg.enable_xformers_memory_efficient_attention:  # (the package was checked before any model loaded)
@@ -423,12 +445,17 @@ class Trainer:
         st = self.state
         causes = ", ".join(f"{n} {c}" for c, n in sorted(st.skipped.items(), key=lambda x: -x[1])) or "none"
         return (f"{what}. Skipped by cause: {causes}; example: {st.bad_example or '-'}. Check the data path, "
-                "the caption files / --caption_column, and --train_batch_size against the data set size")
+                "the caption files (.txt or --caption_extension) / --caption_column, and --train_batch_size "
+                "against the data set size")
 
     # ---- loop --------------------------------------------------------------------------------
     def start(self) -> None:
         """Resume (if asked), write the resolved config, open trackers and the data stream."""
         cfg, acc, st = self.cfg, self.acc, self.state
+        if acc.is_main_process and cfg.overwrite_output_dir:
+            gone = clear_previous_run(self.out)
+            if gone:
+                log.warning("--overwrite_output_dir: deleted the previous run's %s", ", ".join(gone))
         resume = self._resolve_resume()
         if resume:
             check_resume_settings(resume, self.spec.to_dict(), TRAINER_RESUME_KEYS + tuple(self.method_cls.resume_keys))
@@ -439,6 +466,9 @@ class Trainer:
                             rng_required=not self._elastic())
             relayout(st, self._layout(), self.is_map, resume)
             self._apply_changed_settings(resume, wanted)
+            # The run it continues: rotation removes only this run's checkpoints; its training clock goes on.
+            info = run_info(resume)
+            self.run_id, self.train_seconds = str(info.get("run_id", "")), float(info.get("train_seconds", 0.0))
             log.info("resumed from %s at step %d", resume, st.step)
             if st.good_steps > 0 and st.nan_steps == 0:
                 self.last_good_ckpt = resume
@@ -448,7 +478,13 @@ class Trainer:
             self.spec.dump(self.out / "fewstep_config.yaml")
         if acc.log_with:
             flat = {k: v for k, v in self.spec.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers("fewstep", config=flat)
+            kw = {}
+            if cfg.report_to in ("wandb", "all"):
+                import wandb
+
+                # The run's files next to TensorBoard's; OUT is rarely a git checkout, so no git lookup.
+                kw["wandb"] = {"dir": str(self.out / cfg.logging_dir), "settings": wandb.Settings(disable_git=True)}
+            acc.init_trackers(cfg.tracker_project_name, config=flat, init_kwargs=kw)
         self._it = self._epoch_iter(skip=st.batch_in_epoch)
 
     def _resolve_resume(self) -> Path | None:
@@ -535,8 +571,10 @@ class Trainer:
 
         with self.stop:  # from here a signal means "save at the next step boundary, then exit"
             self.start()
-            bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
+            bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process or cfg.disable_tqdm,
+                       desc="steps")
             t_last = time.time()
+            window: dict[str, list[float]] = {}  # logs of the steps since the last --logging_steps boundary
             while st.step < cfg.max_train_steps:
                 try:
                     logs = self.step()
@@ -547,8 +585,16 @@ class Trainer:
                     bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}")
                 now = time.time()
                 logs["step_time"] = now - t_last
-                t_last = now
-                acc.log(logs, step=st.step)
+                self.train_seconds += now - t_last
+                for k, v in logs.items():
+                    window.setdefault(k, []).append(float(v))
+                if st.step % cfg.logging_steps == 0 or st.step == cfg.max_train_steps:
+                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    window = {}
+                    acc.log(means, step=st.step)
+                    if cfg.disable_tqdm and acc.is_main_process:
+                        log.info("step %d/%d: %s", st.step, cfg.max_train_steps,
+                                 ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
                 if cfg.validation_steps and st.step % cfg.validation_steps == 0:
                     try:
                         self.validate()
@@ -556,14 +602,15 @@ class Trainer:
                         raise SystemExit(self._oom_message(e)) from None
                 if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps or self._stop_agreed:
                     self.save()
+                t_last = time.time()  # validation and saving are not training time
                 if self._stop_agreed:
                     self.stopped_by = self._stop_agreed
                     acc.end_training()
                     where = (f"state saved in {self.out / f'checkpoint-{st.step}'}" if self._saved_step == st.step
                              else f"no checkpoint written during skipped steps; last good one: "
                                   f"{self.last_good_ckpt or 'none'}")
-                    msg = (f"stopped by signal {self.stopped_by} at step {st.step}; {where}. Resume with the same "
-                           f"command plus --resume_from_checkpoint latest (exit status {128 + self.stopped_by})")
+                    msg = (f"stopped by signal {self.stopped_by} at step {st.step}; {where}. Resume with "
+                           f"{self.resume_hint} (exit status {128 + self.stopped_by})")
                     if acc.is_main_process:
                         print(msg, file=sys.stderr)
                     return None
@@ -571,21 +618,10 @@ class Trainer:
         self._summary()
         acc.wait_for_everyone()
         result, error = None, None
-        # Under --fsdp every rank takes part in gathering the full weights to the main process's CPU memory
-        # (a run that trained nothing is refused before: every rank knows it).
-        gather = contextlib.nullcontext()
-        if self.sharding is not None and st.good_steps:
-            gather = self.sharding.full_weights(acc.is_main_process)
-        elif zero_stage(acc) == 3 and st.good_steps:  # parameters partitioned by DeepSpeed: gather them
-            gather = zero3_gathered([g.module for g in self.method.groups().values()])
-        with gather:
-            if acc.is_main_process:
-                try:
-                    self.export()
-                    result = self.out
-                    log.info("student written to %s", self.out)
-                except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
-                    error = e
+        try:
+            result = self.export()  # (every rank: under --fsdp each takes part in gathering the weights)
+        except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+            error = e
         if not agree(acc, error is None):  # the other ranks never wait for a main process that failed
             if error is not None:
                 raise error
@@ -602,9 +638,23 @@ class Trainer:
         if st.skipped:
             log.warning("skipped samples by cause: %s", st.skipped)
 
-    def export(self) -> None:
-        """Write the student, refusing one that no step trained or that holds a non-finite value; the
-        files go to a temporary folder first, so a failure (a full disk) leaves no half-written student."""
+    def export(self) -> Path | None:
+        """The student as users load it, with its card, in OUT (main process; None elsewhere). After
+        :meth:`train`, or after :meth:`start` alone to export a resumed checkpoint as it is; called on
+        every rank. Refuses a student that no step trained or that holds a non-finite value; the files
+        go to a temporary folder first, so a failure (a full disk) leaves no half-written student."""
+        st, acc = self.state, self.acc
+        # Under --fsdp every rank takes part in gathering the full weights to the main process's CPU memory
+        # (a run that trained nothing is refused below: every rank knows it, and none gathers).
+        gather = contextlib.nullcontext()
+        if self.sharding is not None and st.good_steps:
+            gather = self.sharding.full_weights(acc.is_main_process)
+        elif zero_stage(acc) == 3 and st.good_steps:  # parameters partitioned by DeepSpeed: gather them
+            gather = zero3_gathered([g.module for g in self.method.groups().values()])
+        with gather:
+            return self._export_main() if acc.is_main_process else None
+
+    def _export_main(self) -> Path:
         from ..export import ExportError, atomic_export
 
         st, cfg = self.state, self.cfg
@@ -619,6 +669,8 @@ class Trainer:
         write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts,
                          load_args=b.card_load_args() if b is not None else "",
                          call_kwargs=b.call_kwargs() if b is not None else None)
+        log.info("student written to %s", self.out)
+        return self.out
 
     def _oom_message(self, e: Exception) -> str:
         cfg = self.cfg
@@ -663,9 +715,14 @@ class Trainer:
             write_extra=lambda folder: write_state(folder, st.state_dict(), self._json_objects(), config),
             info={"good_steps": st.good_steps, "last_good_step": st.last_good_step},
             need_bytes=lambda: checkpoint_bytes(self.out, self.acc, self.objects),
+            run={"run_id": self.run_id, "train_seconds": round(self.train_seconds, 3)},
             write_sharded=(lambda folder: sh.save(folder, self.opts)) if sh is not None else None)
         self._saved_step = st.step
         self.last_good_ckpt = path
+        if self.acc.is_main_process:
+            log.info("checkpoint saved: %s", path)
+            for callback in self.on_save:
+                callback(st.step, self.train_seconds, path)
         return path
 
     def step(self) -> dict[str, float]:

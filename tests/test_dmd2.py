@@ -81,7 +81,7 @@ def test_timesteps_match_lcm_scheduler():
 RECORDED = {
     "full": (6.175086309667677e-05, 1.0211158990859985),
     "lora": (0.0004452593857422471, 1.1226582527160645),
-    "gan": (0.0035634487867355347, 1.2094701528549194),  # re-recorded: real latents now contiguous (randn_like)
+    "gan": (0.002414903836324811, 1.1754181385040283),  # re-recorded: DMD2's head (issue 15 item 5)
     "multistep": (0.0004237967368680984, 1.220363974571228),
 }
 VARIANTS = {
@@ -135,7 +135,7 @@ def test_bad_options_are_rejected(tiny_teacher, caption_folder, tmp_path):
     with pytest.raises(ConfigError, match="min_step_percent"):
         parse_run(dmd2_args(tiny_teacher, caption_folder, tmp_path, min_step_percent=0.9, max_step_percent=0.5))
     m = parse_run(dmd2_args(tiny_teacher, caption_folder, tmp_path, cls_on_clean_image=True)).method
-    assert (m.gen_cls_loss_weight, m.guidance_cls_loss_weight) == (5e-3, 1e-2)  # DMD2's switch, DMD2's weights
+    assert (m.gen_cls_loss_weight, m.guidance_cls_loss_weight) == (1e-3, 1e-2)  # DMD2's SD1.5 weights
     with pytest.raises(ConfigError, match="must divide"):
         dmd2_trainer(tiny_teacher, caption_folder, tmp_path / "o", num_denoising_step=3)
     # DMD2's own spellings
@@ -187,7 +187,8 @@ def test_regression_loss_on_teacher_pairs(tiny_teacher, caption_folder, tmp_path
         eps = gen(noise, torch.tensor([999, 999]), encoder_hidden_states=text).sample
         ac = b.schedule.alphas_cumprod[999].float()
         x0 = (noise - (1 - ac).sqrt() * eps) / ac.sqrt()
-        lat = b.vae.encode(batch["pixel_values"]).latent_dist.sample() * b.vae.config.scaling_factor
+        # the target: the posterior mean of the teacher's image (these rows have no saved latents)
+        lat = b.vae.encode(batch["pixel_values"]).latent_dist.mean * b.vae.config.scaling_factor
         ref = torch.mean((x0 - lat) ** 2).item()
     assert got == pytest.approx(ref, rel=1e-4)
 
@@ -295,3 +296,68 @@ def test_sdxl_teacher_one_step_of_each_phase(tiny_sdxl, caption_folder, tmp_path
 
 
 RECORDED_SDXL = (0.004582739435136318, 0.9809319972991943)
+
+
+def _layers(head) -> list:
+    """(kind, kernel, stride, padding) of each layer of a GAN head, to compare with DMD2's heads."""
+    out = []
+    for m in head.net:
+        if isinstance(m, torch.nn.Conv2d):
+            out.append(("conv", m.kernel_size, m.stride, m.padding, m.out_channels))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+def test_gan_head_is_dmd2s_for_the_feature_size():
+    """Issue 15 item 5: DMD2's SD1.5 head (8×8 bottleneck at 512 px) and SDXL head (32×32 at 1024 px),
+    written out here from tianweiy/DMD2 main/sd_guidance.py; the depth follows the map's size."""
+    from fewstep.methods.dmd2 import ClassifierHead
+
+    C = 64
+    down, act = ("conv", (4, 4), (2, 2), (1, 1), C), [("GroupNorm",), ("SiLU",)]
+    to_one, logit = ("conv", (4, 4), (4, 4), (0, 0), C), ("conv", (1, 1), (1, 1), (0, 0), 1)
+    assert _layers(ClassifierHead(C, (8, 8))) == [down, *act, to_one, *act, logit]  # DMD2, SD1.5
+    assert _layers(ClassifierHead(C, (32, 32))) == [down, *act] * 3 + [to_one, *act, logit]  # DMD2, SDXL
+    assert _layers(ClassifierHead(C, (2, 2)))[0] == ("conv", (2, 2), (2, 2), (0, 0), C)  # the MNIST UNet's
+    assert ClassifierHead(C, (8, 8)).net[1].num_groups == 32  # GroupNorm(32, C) as DMD2
+    for size in [(1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8), (12, 12), (32, 32), (8, 4), (5, 16)]:
+        head = ClassifierHead(C, size)
+        assert head(torch.randn(3, C, *size)).shape == (3,), size
+    with pytest.raises(ValueError, match="built for 8×8"):
+        ClassifierHead(C, (8, 8))(torch.randn(1, C, 4, 4))
+    # The pooled head is the earlier one, layer for layer.
+    assert _layers(ClassifierHead(C, (8, 8), "pooled")) == [("conv", (3, 3), (2, 2), (1, 1), C), *act,
+                                                             ("AdaptiveAvgPool2d",), logit]
+
+
+def test_pooled_head_reproduces_the_earlier_losses(tiny_teacher, caption_folder, tmp_path):
+    """--gan_head pooled trains exactly what fewstep trained before DMD2's head became the default: the
+    three losses recorded for the seam regression test on the code before issue 15."""
+    tr = dmd2_trainer(tiny_teacher, caption_folder, tmp_path / "o", learning_rate=1e-3, max_train_steps=3,
+                      real_guidance_scale=1.75, gen_cls_loss_weight=5e-3, guidance_cls_loss_weight=1e-2,
+                      gan_head="pooled")
+    tr.start()
+    losses = [tr.step()["loss"] for _ in range(3)]
+    assert losses == pytest.approx([0.0034678420051932335, 1.2062928676605225, 0.017354540526866913], rel=1e-6)
+
+
+def test_a_checkpoint_with_the_pooled_head_resumes_only_under_it(tiny_teacher, caption_folder, tmp_path):
+    """Checkpoints written before DMD2's head was the default hold the pooled head (and no gan_head in
+    their fewstep_config.yaml): resuming them under the default head is refused naming the fix, and
+    --gan_head pooled resumes them."""
+    import yaml
+
+    out = tmp_path / "run"
+    common = dict(max_train_steps=2, checkpointing_steps=2, gen_cls_loss_weight=5e-3, guidance_cls_loss_weight=1e-2)
+    assert main(["distill", *dmd2_args(tiny_teacher, caption_folder, out, gan_head="pooled", **common)]) == 0
+    cfg_file = out / "fewstep_config.yaml"
+    old = yaml.safe_load(cfg_file.read_text())
+    del old["gan_head"]  # as fewstep wrote it before the option existed
+    cfg_file.write_text(yaml.safe_dump(old))
+    more = dict(common, max_train_steps=3, resume_from_checkpoint="latest")
+    with pytest.raises(ConfigError, match="pooled head of earlier fewstep runs: resume with --gan_head pooled"):
+        dmd2_trainer(tiny_teacher, caption_folder, out, **more).start()
+    assert main(["distill", *dmd2_args(tiny_teacher, caption_folder, out, gan_head="pooled", **more)]) == 0
+    # A run that recorded its head is refused by the settings check before any load.
+    assert main(["distill", *dmd2_args(tiny_teacher, caption_folder, out, **dict(more, max_train_steps=4))]) == 2

@@ -40,9 +40,15 @@ ALT = {
     "report_to": ["none", "tensorboard"], "logging_dir": ["lg"], "checkpointing_steps": [10],
     "checkpoints_total_limit": [2], "resume_from_checkpoint": ["latest"], "validation_steps": [10, 20],
     "validation_prompts": [["x"]], "validation_inference_steps": [[1]], "validation_guidance_scale": [3.0],
-    "max_nan_steps": [5], "pretrained_teacher_model": ["{other_teacher}"],
+    "max_nan_steps": [5],
     "fsdp": [True], "fsdp_frozen": ["shard", "replicate"], "fsdp_offload": [True], "fsdp_reshard_after_forward": [False],
     "fsdp_wrap": [["BasicTransformerBlock"]], "rng_streams": ["batch", "rank"],
+    # other tools' habits (PaddleMIX, DiffSynth-Studio, kohya, the hub)
+    "preset": ["lcm/sd15"], "overwrite_output_dir": [True], "do_train": [True], "logging_steps": [5],
+    "disable_tqdm": [True], "find_unused_parameters": [True], "push_to_hub": [True], "hub_model_id": ["me/student"],
+    "hub_token": ["hf_x"], "model_max_length": [8], "is_sdxl": [False], "extra_inputs": [["seed"]],
+    "num_train_epochs": [2], "dataset_repeat": [2], "caption_extension": [".caption"],
+    "dataset_base_path": ["{other_data}"], "tracker_project_name": ["other"], "pretrained_teacher_model": ["{other_teacher}"],
     "pretrained_vae_model_name_or_path": ["{other_teacher}"],
     # lcm
     "w_min": [3.0], "w_max": [10.0], "num_ddim_timesteps": [25], "loss_type": ["huber", "l2"], "huber_c": [0.01],
@@ -57,6 +63,8 @@ ALT = {
     "fake_score_lora_rank": [8, 16], "fake_score_lora_alpha": [8.0], "fake_score_lora_target_modules": [["to_q"]],
     "gen_cls_loss_weight": [1e-3, 0.0], "guidance_cls_loss_weight": [1e-3, 0.0], "cls_on_clean_image": [True],
     "diffusion_gan": [False], "diffusion_gan_max_timestep": [500], "regression_loss_weight": [0.5, 2.0],
+    "gan_head": ["pooled"], "regression_loss": ["lpips", "mse"], "lpips_weights": ["{lpips}", "{lpips2}"], "regression_only": [True],
+    "generator_ckpt_path": ["{other_teacher}"],
     # disback
     "disback_stage": ["degradation", "both"], "degradation_steps": [100], "degradation_interval": [20],
     "interval": [50], "degradation_path": ["p2", "p3"],
@@ -72,7 +80,7 @@ TRAIN_BASES = [{}, {"validation_steps": 0}, {"report_to": "none"}, {"lr_schedule
                {"train_data_dir": None, "train_shards_path_or_url": "s/{0..3}.tar"},
                {"train_data_dir": None, "file_list": "list.txt"}, {"train_data_dir": None, "dataset_name": "mnist"},
                {"train_data_dir": None, "cache_dir": "{cache}"}, {"pretrained_teacher_model": "org/teacher"},
-               {"fsdp": True}]
+               {"push_to_hub": True}, {"fsdp": True}]
 BASES = {
     "lcm": TRAIN_BASES + [{"lora_rank": 4}, {"lora_rank": 4, "mixed_precision": "bf16"}, {"loss_type": "huber"}],
     "direct": [{}, {"lora_rank": 4}, {"validation_steps": 0}],
@@ -80,6 +88,7 @@ BASES = {
              {"cls_on_clean_image": True},
              {"gen_cls_loss_weight": 5e-3, "guidance_cls_loss_weight": 1e-2, "diffusion_gan": False},
              {"num_denoising_step": 4}, {"dm_loss_weight": 0.0, "regression_loss_weight": 1.0},
+             {"regression_loss_weight": 1.0, "regression_loss": "lpips", "lpips_weights": "{lpips}"},
              {"generator_lr": 1e-5, "guidance_lr": 1e-5}, {"validation_steps": 0}],
     "disback": [{}, {"disback_stage": "degradation"}, {"disback_stage": "degradation", "guidance_lr": 1e-5},
                 {"disback_stage": "degradation", "mixed_precision": "bf16", "fake_score_lora_rank": 4},
@@ -114,7 +123,13 @@ def world(tiny_teacher, tiny_teacher_v, tiny_sdxl, caption_folder, tmp_path_fact
     sd3 = build_tiny_sd3(root / "sd3")
     families = {name: load_bundle(str(p), weights=False) for name, p in
                 (("sd", tiny_teacher), ("sdxl", tiny_sdxl), ("sd3", sd3))}
-    paths = {"{other_data}": str(root / "other"), "{cache}": str(cache), "{cache2}": str(root / "cache2"), "{other_teacher}": str(tiny_teacher_v)}
+    import torch
+
+    from test_dmd2_regression import tiny_lpips_state
+
+    for i, name in enumerate(("lpips.pth", "lpips2.pth")):  # two valid LPIPS weight files (read before a run)
+        torch.save(tiny_lpips_state(seed=i), root / name)
+    paths = {"{lpips}": str(root / "lpips.pth"), "{lpips2}": str(root / "lpips2.pth"), "{other_data}": str(root / "other"), "{cache}": str(cache), "{cache2}": str(root / "cache2"), "{other_teacher}": str(tiny_teacher_v)}
     common = {"pretrained_teacher_model": str(tiny_teacher), "train_data_dir": str(caption_folder),
               "output_dir": str(root / "out"), "resolution": 32}
     return paths, families, common
@@ -181,7 +196,10 @@ def test_every_key_changes_the_used_settings_or_is_refused(world):
                         ignored.append(f"--{key} {value!r} with --method {method} {base} on {fam}")
     assert not ignored, "options parsed and silently ignored:\n  " + "\n  ".join(ignored)
     # every alternative value is a valid one somewhere (else the refusals above would prove nothing)
-    never = sorted({k for m in REGISTRY for k in _keys(m)} - accepted - {"method"})
+    # --regression_loss lpips needs --lpips_weights and mse refuses it: one key changed alone is always refused;
+    # the pair is accepted in the lpips base above, where --lpips_weights is checked to be used.
+    # --do_train: only its default (true) is valid (false is refused: distill always trains).
+    never = sorted({k for m in REGISTRY for k in _keys(m)} - accepted - {"method", "regression_loss", "do_train"})
     assert not never, f"these keys were refused in every combination: is their ALT value valid? {never}"
 
 

@@ -146,3 +146,22 @@ def test_no_family_is_named_outside_models():
                 if any(isinstance(o, ast.Attribute) and o.attr == "family" for o in operands):
                     offenders.append(f"{name}: compares .family")
     assert not offenders, sorted(set(offenders))
+
+
+@pytest.mark.parametrize("builder", ["build_tiny_sd", "build_tiny_sdxl", "build_tiny_sd3"])
+def test_feature_tap_size_is_the_map_a_forward_gives(builder, tmp_path):
+    """Tap.size (what a GAN head is built for) equals the feature map the hooked forward produces."""
+    import torch
+
+    from fewstep import testing
+
+    b = load_bundle(str(getattr(testing, builder)(tmp_path / "t")))
+    tap = b.feature_tap(b.denoiser)
+    seen = []
+    tap.attach(lambda f: seen.append(tuple(f.shape)))
+    for h, w in [(8, 8), (4, 8), (16, 16)]:
+        seen.clear()
+        z = torch.randn(1, b.latent_channels, h, w)
+        with torch.no_grad():
+            b.denoise(b.denoiser, z, b.schedule.timestep(torch.tensor([500])), b.encode_text(["a"], size=(h * 4, w * 4)))
+        assert seen == [(1, tap.channels, *tap.size(h, w))], (h, w)

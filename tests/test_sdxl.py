@@ -88,3 +88,69 @@ def test_transform_reports_original_size_and_crop():
     assert out["original_size"].tolist() == [40, 60]  # (height, width)
     assert out["crop_top_left"].tolist() == [0, (48 - 32) // 2]  # resized to 32×48, centred crop
     assert out["pixel_values"].shape == (3, 32, 32)
+
+
+def _cfg_time_ids(tr) -> list:
+    """The time ids of the teacher's CFG batch (cond ‖ uncond, 2B rows) in one LCD loss."""
+    seen = []
+    unet = tr.bundle.denoiser
+
+    def grab(module, args, kwargs):
+        ids = kwargs["added_cond_kwargs"]["time_ids"]
+        if ids.shape[0] == 2 * tr.cfg.train_batch_size:
+            seen.append(ids.tolist())
+
+    handle = unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        tr.method.loss("student", tr._next_batch(), 0)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("fix,res", [(False, 32), (True, 16)])
+def test_lcd_uncond_pass_carries_the_cond_time_ids(lora, fix, res, tiny_sdxl, caption_folder, tmp_path):
+    """Issue 15 item 1: the teacher's unconditional half gets the conditional half's time ids (each image's
+    original size and crop, or (res, res, 0, 0, res, res) with --use_fix_crop_and_size at any resolution),
+    as diffusers' SDXL LCD scripts and StableDiffusionXLPipeline do; before, it got the UNet's default size."""
+    extra = dict(lora_rank=4) if lora else {}
+    if fix:
+        extra["use_fix_crop_and_size"] = True
+    tr = Trainer(parse_run(run_args(tiny_sdxl, caption_folder, tmp_path / "o", resolution=res, **extra)))
+    tr.start()
+    ids = _cfg_time_ids(tr)
+    B = tr.cfg.train_batch_size
+    cond, uncond = ids[:B], ids[B:]
+    assert uncond == cond
+    if fix:
+        assert cond == [[16, 16, 0, 0, 16, 16]] * B
+    else:
+        assert all(row[:2] == [40, 40] and row[4:] == [32, 32] for row in cond)  # the 40 px originals
+
+
+@pytest.mark.parametrize("method", ["dmd2", "disback"])
+def test_gan_real_and_fake_samples_carry_the_same_time_ids(method, tiny_sdxl, caption_folder, tmp_path):
+    """Issue 15 item 2: the discriminator sees real latents and generator samples under the same SDXL
+    time ids, DMD2's fixed (res, res, 0, 0, res, res), not each real image's original size (40 px here)."""
+    extra = dict(degradation_steps=1, degradation_interval=1, max_train_steps=4) if method == "disback" else {}
+    tr = Trainer(parse_run(run_args(tiny_sdxl, caption_folder, tmp_path / "o", method=method, dfake_gen_update_ratio=1,
+                                    fake_score_lora_rank=4, gen_cls_loss_weight=5e-3, guidance_cls_loss_weight=1e-2,
+                                    **extra)))
+    tr.start()
+    m = tr.method
+    if method == "disback":
+        tr.step()  # stage 1 (no GAN) → stage 2 begins
+    seen = []
+    real_logits = m._logits
+
+    def logits(net, x, cond):
+        seen.append(cond["time_ids"].tolist())
+        return real_logits(net, x, cond)
+
+    m._logits = logits
+    batch = tr._next_batch()
+    out = m.guidance_loss(batch, m._cond(batch), 2)
+    assert "guidance_cls_loss" in out.logs
+    assert seen == [[[32, 32, 0, 0, 32, 32]] * 2] * 2  # fake, then real

@@ -61,6 +61,8 @@ def dry_run(spec) -> int:
     ds, sample = data.dataset, data.sample
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    for line in spec.family_report():
+        print(line)
     if not sample:
         print("data: every shard is a pipe: command, so no sample was opened")
     else:

@@ -403,13 +403,34 @@ def parse_cli_pairs(argv: list[str], bool_keys: set[str], known: set[str] | None
 
 
 @dataclass
+class FamilyDefault:
+    """A recipe value that depends on the teacher's model family (a method's reference trains SDXL with
+    other values than SD, e.g.): set ``key`` to ``value`` unless the user gave ``key``; ``when``: other
+    keys and the values they must have for the rule to apply (e.g. a switch that must be on);
+    ``source``: where the value comes from, printed by --dry_run."""
+
+    key: str
+    value: Any
+    source: str
+    when: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunSpec:
     """A resolved run: the common config, the chosen method's config and the method itself (the class
-    the trainer builds; config code never imports methods, the caller passes them in)."""
+    the trainer builds; config code never imports methods, the caller passes them in).
+
+    ``teacher_family``: the family label whose recipe defaults were resolved (None: not resolved yet);
+    ``applied`` / ``overridden``: those defaults that were set, and those the user's own values beat;
+    ``raw``: the keys as given, to resolve again for another family (:meth:`with_family`)."""
 
     train: TrainConfig
     method: Any
     method_cls: Any = None
+    teacher_family: str | None = None
+    applied: list[FamilyDefault] = field(default_factory=list)
+    overridden: list[tuple[FamilyDefault, Any]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key and value, secrets (``--hub_token``) masked: this is what configs, logs, trackers and
@@ -419,6 +440,22 @@ class RunSpec:
             if f.metadata.get("secret") and d.get(f.name) is not None:
                 d[f.name] = "<hidden>"
         return d
+
+    def with_family(self, family: str) -> RunSpec:
+        """The same keys resolved with the recipe defaults of teacher family ``family``."""
+        return resolve(self.raw, {self.train.method: self.method_cls}, type(self.train), family=family)
+
+    def family_report(self) -> list[str]:
+        """Lines for --dry_run: each family default in force, and each one the user's value replaced."""
+        if self.teacher_family is None:
+            return []
+        lines = [f"family defaults for teacher family {self.teacher_family!r} (values you give always win):"]
+        lines += [f"  --{d.key} {d.value!r}  [{d.source}]" for d in self.applied]
+        lines += [f"  --{d.key} {mine!r}: yours, instead of the family's {d.value!r}  [{d.source}]"
+                  for d, mine in self.overridden]
+        if len(lines) == 1:
+            lines.append("  none: every setting is the method's own default or yours")
+        return lines
 
     def dump(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -433,10 +470,16 @@ def known_keys(methods: dict[str, type], base: type = TrainConfig) -> set[str]:
 
 
 def resolve(raw: dict[str, Any], methods: dict[str, type], base: type = TrainConfig,
-            method_tasks: dict[str, str] | None = None) -> RunSpec:
+            method_tasks: dict[str, str] | None = None,
+            family: str | typing.Callable[[RunSpec], str | None] | None = None) -> RunSpec:
     """Bind raw keys (from YAML and CLI, already merged) to ``base`` + the method's dataclass.
     ``methods``: name → method class (anything with a ``Config`` dataclass), e.g. the methods registry;
     ``method_tasks``: DiffSynth-Studio ``--task`` names → method.
+
+    ``family``: the teacher's family label, or a function of the bound (not yet validated) spec that
+    returns it (None where there is no teacher). The method class's ``family_defaults(label)`` rules
+    then set the keys the user did not give, before validation, so that checks see the values the run
+    will use.
 
     Every option that cannot be used (unknown, of another method, refused) is reported in one message."""
     method_configs = {name: getattr(m, "Config", m) for name, m in methods.items()}
@@ -470,17 +513,58 @@ def resolve(raw: dict[str, Any], methods: dict[str, type], base: type = TrainCon
         check_cache_dir_is_fewsteps(raw["cache_dir"])
     tvals = {k: _convert(k, v, common[k].type) for k, v in raw.items() if k in common}
     mvals = {k: _convert(k, v, own[k].type) for k, v in raw.items() if k in own}
-    spec = RunSpec(base(**tvals), mcls(**mvals), methods[method])
+    spec = RunSpec(base(**tvals), mcls(**mvals), methods[method], raw=dict(raw))
+    if callable(family):
+        family = family(spec)
+    if family is not None:
+        _apply_family_defaults(spec, family, common, own)
     for obj in (spec.train, spec.method):
         check = getattr(obj, "validate", None)
         if check:
-            check()
+            try:
+                check()
+            except ConfigError as e:
+                _with_family_note(e, spec, family)
     cross = getattr(spec.method, "validate_run", None)  # the method's checks that read common keys too
     if cross:
-        cross(spec.train)
+        try:
+            cross(spec.train)
+        except ConfigError as e:
+            _with_family_note(e, spec, family)
     if isinstance(spec.train, TrainConfig):
         validate_habits(spec.train)
     return spec
+
+
+def _with_family_note(e: ConfigError, spec: RunSpec, family) -> None:
+    """Re-raise ``e``, naming the family defaults in force (a refusal may come from one of them)."""
+    if not spec.applied:
+        raise e
+    used = ", ".join(f"--{d.key} {d.value!r}" for d in spec.applied)
+    raise ConfigError(f"{e} (family defaults for {family!r} in force: {used}; give a key to "
+                      "override its default)") from None
+
+
+def _apply_family_defaults(spec: RunSpec, family: str, common: dict, own: dict) -> None:
+    """Set each recipe default of ``family`` whose conditions hold on a key the user did not give."""
+    spec.teacher_family = family
+    rules = getattr(spec.method_cls, "family_defaults", None)
+    for d in (rules(family) if rules else []):
+        target, fields = (spec.train, common) if d.key in common else (spec.method, own)
+        if d.key not in fields:
+            raise ConfigError(f"family default {d.key!r} ({d.source}) is not a setting of --method "
+                              f"{spec.train.method}")  # a broken recipe table, caught by the tests
+        if any(_current(spec, k) != v for k, v in d.when.items()):
+            continue
+        if d.key in spec.raw:
+            spec.overridden.append((d, getattr(target, d.key)))
+            continue
+        setattr(target, d.key, _convert(d.key, d.value, fields[d.key].type))
+        spec.applied.append(d)
+
+
+def _current(spec: RunSpec, key: str) -> Any:
+    return getattr(spec.train, key) if hasattr(spec.train, key) else getattr(spec.method, key)
 
 
 # ---- every option does something ---------------------------------------------------------------
@@ -541,6 +625,12 @@ def train_uses(c: TrainConfig) -> dict[str, Any]:
     keys += ["logging_dir"] if c.report_to != "none" else []
     keys += ["fsdp_frozen", "fsdp_offload", "fsdp_reshard_after_forward", "fsdp_wrap"] if c.fsdp else []
     keys += ["validation_prompts", "validation_inference_steps"] if c.validation_steps else []
+    # the other tools' habits: each changes what runs, what is checked, or where the result goes
+    keys += ["preset", "overwrite_output_dir", "logging_steps", "disable_tqdm", "find_unused_parameters",
+             "push_to_hub", "model_max_length", "is_sdxl", "extra_inputs", "num_train_epochs", "dataset_repeat"]
+    keys += ["caption_extension", "dataset_base_path"] if c.train_data_dir else []
+    keys += ["tracker_project_name"] if c.report_to != "none" else []
+    keys += ["hub_model_id", "hub_token"] if c.push_to_hub else []
     return {k: getattr(c, k) for k in keys}
 
 
@@ -793,6 +883,11 @@ def validate_habits(c: TrainConfig) -> None:
         raise ConfigError("--caption_extension needs a file extension, e.g. .caption")
     if c.hub_model_id is not None and (not c.hub_model_id.strip() or c.hub_model_id.count("/") > 1):
         raise ConfigError(f"--hub_model_id {c.hub_model_id!r}: give a repo id, NAME or OWNER/NAME")
+    if c.report_to == "none":
+        refuse_changed(c, ("tracker_project_name",), "with --report_to none (no tracker): drop it")
+    if not c.train_data_dir:
+        refuse_changed(c, ("caption_extension", "dataset_base_path"), "without --train_data_dir (they "
+                       "locate an image folder's captions and a metadata file's images): drop them")
     if (c.hub_model_id or c.hub_token) and not c.push_to_hub:
         raise ConfigError("--hub_model_id / --hub_token only apply with --push_to_hub (or later: fewstep push OUT "
                           "--hub_model_id ID)")

@@ -112,12 +112,26 @@ def resolve_run(user: dict[str, Any], require_teacher: bool = True) -> RunSpec:
     raw.update(user)
     from .methods import REGISTRY
 
-    spec = resolve(raw, REGISTRY, method_tasks=method_tasks())
+    spec = resolve(raw, REGISTRY, method_tasks=method_tasks(), family=_teacher_family)
 
     if require_teacher and REGISTRY[spec.train.method].needs_teacher and not spec.train.pretrained_teacher_model:
         raise ConfigError("--pretrained_teacher_model is required (a diffusers folder or hub id)")
     apply_epochs(spec, explicit_steps="max_train_steps" in _canonical(user))
     return spec
+
+
+def _teacher_family(spec: RunSpec) -> str | None:
+    """The teacher's family label (its recipe defaults apply), or None without a teacher. A teacher that
+    cannot be read is reported later, after every value is checked (the trainer and --dry_run refuse it)."""
+    from .models.bundle import teacher_family
+
+    train = spec.train
+    if not spec.method_cls.needs_teacher or not train.pretrained_teacher_model:
+        return None
+    try:
+        return teacher_family(train.pretrained_teacher_model, train.teacher_revision)
+    except ConfigError:
+        return None
 
 
 def parse_run(argv: list[str]) -> RunSpec:

@@ -75,7 +75,7 @@ def plan_runs(models: list[tuple[str, str]], steps: list[int], teacher_steps: li
         hints = sampling_hints(path)
         if hints.get("sampler"):  # a student trained for one sampler at K steps (direct distillation)
             runs.append(EvalRun(label, path, hints["sampler"], int(hints["num_inference_steps"]), gs))
-        elif _scheduler_class(path) == "LCMScheduler":
+        elif "LCM" in str(_scheduler_class(path)):  # LCMScheduler, or FlowMatchLCMScheduler (flow teachers)
             # only the step counts the student is trained for (its LCMScheduler refuses more than a K-step
             # DMD2 generator's K, and a one-step generator has seen no other timestep)
             lo, hi = hints.get("valid_steps", (1, max(steps)))

@@ -7,13 +7,31 @@ steps that group's optimizer, then calls :meth:`Method.after_step`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from ..config import FamilyDefault
+
 REGISTRY: dict[str, type[Method]] = {}
+
+# Recipe values that depend on the teacher's family, as data: method name → family label → rules.
+# Why a table: such a value is neither a fact of the family (nothing about SDXL makes w_min = 3 right)
+# nor of the method alone; it is what a method's reference recipe uses for a family, with a source to
+# cite. Kept as data, no Python in methods/ names a family and no family module names a method, a new
+# family or method adds rows instead of branches, and --dry_run can print each value with its source.
+# The label is the bundle's ``family`` (ModelBundle.family); "*" is a rule for every family without its own.
+FAMILY_DEFAULTS = Path(__file__).with_name("family_defaults.yaml")
+
+
+@functools.cache
+def _family_table() -> dict:
+    import yaml
+
+    return yaml.safe_load(FAMILY_DEFAULTS.read_text(encoding="utf-8")) or {}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -49,6 +67,23 @@ class Method:
     def memory_hints(cls, cfg, mcfg) -> list[str]:
         """Extra lines for the out-of-memory message: this method's own ways to use less memory."""
         return []
+
+    @classmethod
+    def family_defaults(cls, family: str) -> list[FamilyDefault]:
+        """This method's recipe defaults for teacher family ``family`` (``family_defaults.yaml``): the
+        rules of the methods it builds on first (DisBack inherits DMD2's), each family's own rules over
+        the "*" ones; per key and condition the last rule wins."""
+        table = _family_table()
+        chain = [c.name for c in reversed(cls.__mro__) if "name" in vars(c)]
+        out: dict[tuple, FamilyDefault] = {}
+        for name in chain:
+            for fam in ("*", family):
+                for rule in (table.get(name) or {}).get(fam) or []:
+                    when = rule.get("when") or {}
+                    for key, value in rule["set"].items():
+                        d = FamilyDefault(key, value, rule["source"], when)
+                        out[(key, tuple(sorted(when.items())))] = d
+        return list(out.values())
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:

@@ -21,6 +21,11 @@ the start of stage 2.
 rest of ``--max_train_steps``; ``degradation`` or ``backtracking`` run one stage alone (stage 2 reads the
 path from ``--degradation_path``). The stage, the stage-2 start and the target index are in every
 checkpoint, so each of these resumes exactly.
+
+Where this differs from SYZhang0805/DisBack: the strict target load above; path points may be LoRA
+deltas instead of full copies; both stages run in one command; ``--interval`` counts stage-2 optimizer
+steps (one group per step, as in :mod:`.dmd2`). Everything else (losses, GAN, regression, family
+defaults) is DMD2's, as this module builds on it.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class DisBackConfig(DMD2Config):
         for k in ("degradation_steps", "degradation_interval", "interval"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"--{k} must be >= 1")
+        if self.regression_only:
+            raise ConfigError("--regression_only is DMD2's regression stage: run it with --method dmd2, then "
+                              "start DisBack's generator from it with --generator_ckpt_path")
         if self.disback_stage == "backtracking" and not self.degradation_path:
             raise ConfigError("--disback_stage backtracking needs --degradation_path (the degradation_path folder "
                               "of a --disback_stage degradation run)")

@@ -33,10 +33,29 @@ middle block) that tells re-noised real latents from re-noised G samples; and a 
 teacher noise → image pairs (rows with ``seed`` and ``rand_device`` columns, as ``fewstep generate``
 writes them).
 
+Regression. The target is the teacher's own output for that noise: the row's saved latents
+(``fewstep generate --save_latents``), else the VAE posterior mean of its image (a deterministic target,
+as direct distillation uses; a posterior sample would add noise the generator cannot predict). The loss
+is the latent MSE, or LPIPS between the decoded generator output and the teacher's image
+(``--regression_loss lpips`` with local ``--lpips_weights``; :mod:`fewstep.eval.lpips`). DMD2 runs its
+regression as a separate stage before distribution matching (``main/train_sd_ode.py``: ODE pretraining of G
+on noise → image pairs with LPIPS in image space), then starts DMD2 from that generator; here
+``--regression_only`` is that stage (G alone, the regression loss alone, no fake score built) and
+``--generator_ckpt_path`` starts the next run's G from its output. fewstep also allows the regression
+term inside a DMD2 run (``--regression_loss_weight`` without ``--regression_only``), as DMD (v1) did.
+
 Flow-matching teachers run the same algorithm: timesteps are drawn as levels of the teacher's table
 (:meth:`~fewstep.diffusion.schedule.Schedule.timestep`), x̂₀ comes from the predicted velocity, the fake
 score learns the flow target ε − x₀, and a K-step generator is sampled by FlowMatchLCMScheduler (x̂₀,
 then re-noised to the next σ: backward simulation's own step).
+
+Where this differs from tianweiy/DMD2 (``main/``), deliberately: the two time scales are one cycle of
+optimizer steps (same order and ratio; ``--max_train_steps`` counts steps, not iterations); the GAN's
+real samples are the training batch's own images classified under the generated samples' captions and
+SDXL time ids (DMD2 reads a separate real-image set; both give real and generated samples the same
+fixed time ids); the regression term may also run inside a DMD2 run; the regression stage's LPIPS is
+the ``lpips`` package's VGG on the teacher's own VAE (DMD2: ``piq``'s LPIPS on a tiny VAE decoder); the
+fake score may be a LoRA over the teacher. Learning rates are recipe values, not family defaults.
 """
 
 from __future__ import annotations
@@ -73,6 +92,30 @@ def dm_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor):
         g = torch.nan_to_num((p_real - p_fake) / norm, nan=0.0, posinf=0.0, neginf=0.0).float()
     loss = 0.5 * F.mse_loss(x.float(), (x.detach().float() - g))
     return loss, g
+
+
+def load_generator(net, path: str, denoiser_name: str) -> None:
+    """Load G's starting weights strictly: a fewstep/diffusers output folder (its ``denoiser_name``
+    subfolder, e.g. a ``--regression_only`` run's output), a denoiser folder, or a state-dict file
+    (.safetensors, or a torch.save'd .bin/.pt such as DMD2's ``pytorch_model.bin``)."""
+    p = Path(path)
+    if p.is_dir():
+        sub = p / denoiser_name if (p / denoiser_name / "config.json").is_file() else p
+        if not (sub / "config.json").is_file():
+            raise ConfigError(f"--generator_ckpt_path {path}: no {denoiser_name}/config.json in it; give an "
+                              f"output folder, a {denoiser_name} folder, or a state-dict file (a "
+                              "checkpoint's generator is checkpoint-N/model.safetensors)")
+        sd = type(net).from_pretrained(str(sub), torch_dtype=torch.float32).state_dict()
+    elif p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+    else:
+        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"--generator_ckpt_path {path} does not fit the teacher's {denoiser_name}: missing "
+                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
 def _rounded(values: list) -> list:
@@ -123,9 +166,15 @@ class DMD2Config:
     gen_cls_loss_weight: float | None = None  # generator GAN loss softplus(−D(fake)) weight (default 0; DMD2: 5e-3)
     guidance_cls_loss_weight: float | None = None  # discriminator loss weight (default 0; DMD2: 1e-2); needs real images
     cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: the two weights above default to DMD2's
+    gan_head: str = "dmd2"  # GAN head: dmd2 (strided 4×4 convs down to 1×1) or pooled (3×3 conv, average)
     diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
     diffusion_gan_max_timestep: int = 1000
-    regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
+    regression_loss_weight: float = 0.0  # weight of G(noise) vs the teacher's output for that noise (seeds)
+    regression_loss: str = "mse"  # mse (latents) or lpips (decoded images; needs --lpips_weights)
+    lpips_weights: str | None = None  # local file: state_dict of lpips.LPIPS(net="vgg"), .pth or .safetensors
+    regression_only: bool = False  # DMD2's ODE-pretraining stage: G on the regression loss alone, no fake net
+    generator_ckpt_path: str | None = None  # start G from these weights: a fewstep output folder or a file
+
 
     def __post_init__(self):
         # Each weight not given: DMD2's SDXL value under --cls_on_clean_image, else 0 (no GAN term); so the
@@ -161,6 +210,8 @@ class DMD2Config:
         if min(self.gen_cls_loss_weight, self.guidance_cls_loss_weight, self.regression_loss_weight,
                self.dm_loss_weight) < 0:
             raise ConfigError("loss weights must be >= 0")
+        if self.gan_head not in GAN_HEADS:
+            raise ConfigError(f"--gan_head must be one of {', '.join(GAN_HEADS)}")
         if self.diffusion_gan_max_timestep < 1:
             raise ConfigError("--diffusion_gan_max_timestep must be >= 1")
         # options that would change nothing with these settings
@@ -175,10 +226,28 @@ class DMD2Config:
             refuse_changed(self, ("real_guidance_scale", "fake_guidance_scale", "min_step_percent", "max_step_percent"),
                            "with --dm_loss_weight 0 (they configure the distribution-matching loss): drop them")
         if not self.gan:
-            refuse_changed(self, ("diffusion_gan", "diffusion_gan_max_timestep"), "without the GAN head: set "
+            refuse_changed(self, ("gan_head", "diffusion_gan", "diffusion_gan_max_timestep"), "without the GAN head: set "
                            "--gen_cls_loss_weight / --guidance_cls_loss_weight (or --cls_on_clean_image), or drop them")
         elif not self.diffusion_gan:
             refuse_changed(self, ("diffusion_gan_max_timestep",), "with --diffusion_gan false: drop it")
+        if self.regression_loss_weight == 0:
+            refuse_changed(self, ("regression_loss",), "with --regression_loss_weight 0 (no regression loss): drop it")
+        if self.regression_loss not in ("mse", "lpips"):
+            raise ConfigError("--regression_loss must be mse or lpips")
+        if self.regression_loss == "lpips" and not self.lpips_weights:
+            raise ConfigError("--regression_loss lpips needs --lpips_weights: a local file with the "
+                              "state_dict of lpips.LPIPS(net='vgg') (nothing is downloaded at run time)")
+        if self.lpips_weights and self.regression_loss != "lpips":
+            raise ConfigError("--lpips_weights is read by --regression_loss lpips only: add it, or drop "
+                              "--lpips_weights")
+        if self.lpips_weights and not Path(self.lpips_weights).is_file():
+            raise ConfigError(f"--lpips_weights {self.lpips_weights}: no such file")
+        if self.regression_only and self.regression_loss_weight <= 0:
+            raise ConfigError("--regression_only trains the generator on the regression loss alone: give "
+                              "--regression_loss_weight > 0 (e.g. 1)")
+        if self.generator_ckpt_path and not Path(self.generator_ckpt_path).exists():
+            raise ConfigError(f"--generator_ckpt_path {self.generator_ckpt_path}: no such file or folder")
+
 
     def encodes_images(self, cfg) -> bool:
         """Whether a step VAE-encodes data images: real latents for K-step inputs, the discriminator's
@@ -217,7 +286,10 @@ class DMD2Config:
                  if self.dm_loss_weight > 0 else [])
         keys += ["fake_score_lora_alpha", "fake_score_lora_target_modules"] if self.fake_score_lora_rank else []
         keys += ["cast_teacher_unet"] if self.fake_score_lora_rank is None else []
-        keys += ["diffusion_gan"] if self.gan else []
+        keys += ["diffusion_gan", "gan_head"] if self.gan else []
+        keys += ["regression_only", "generator_ckpt_path"]
+        keys += ["regression_loss"] if self.regression_loss_weight > 0 else []
+        keys += ["lpips_weights"] if self.regression_loss == "lpips" else []
         keys += ["diffusion_gan_max_timestep"] if self.gan and self.diffusion_gan else []
         keys += ["learning_rate"] if self.generator_lr is None or self.guidance_lr is None else []
         keys += ["vae_encode_batch_size"] if self.encodes_images(cfg) else []
@@ -227,23 +299,68 @@ class DMD2Config:
         return {**teacher_uses(cfg), **{k: getattr(self if hasattr(self, k) else cfg, k) for k in keys}}
 
 
-class ClassifierHead(torch.nn.Module):
-    """The GAN discriminator's head on the fake score's bottleneck features (C channels, any size):
-    a strided conv, normalisation, then a global average to one realism logit per sample."""
+GAN_HEADS = ("dmd2", "pooled")
 
-    def __init__(self, channels: int):
+
+class ClassifierHead(torch.nn.Module):
+    """The GAN discriminator's head on the fake score's features, a (B, C, h, w) map, to one realism
+    logit per sample.
+
+    ``dmd2`` (the default), DMD2's head: 4×4 convolutions of stride 2, each followed by GroupNorm and
+    SiLU, halve the map while a side is longer than 4; one more convolution as large as what is left
+    (DMD2's 4×4, stride 4) takes it to 1×1, again with GroupNorm and SiLU; a 1×1 convolution gives the
+    logit. The depth follows the map's size, not the family: SD1.5's 8×8 bottleneck at 512 px gets one
+    halving, SDXL's 32×32 at 1024 px three, exactly DMD2's two heads; a 2×2 UNet bottleneck or an SD3
+    transformer's 4×4 patch grid none. ``pooled``, fewstep's earlier head: one 3×3 stride-2 conv,
+    GroupNorm, SiLU, a global average and a 1×1 conv (any map size; checkpoints written before the
+    DMD2 head hold this one)."""
+
+    def __init__(self, channels: int, size: tuple[int, int], kind: str = "dmd2"):
         super().__init__()
+        nn = torch.nn
         groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1),
-            torch.nn.GroupNorm(groups, channels),
-            torch.nn.SiLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Conv2d(channels, 1, 1),
-        )
+        self.kind, self.size = kind, tuple(size)
+
+        def block(kernel, stride, padding):  # conv → GroupNorm → SiLU
+            return [nn.Conv2d(channels, channels, kernel, stride=stride, padding=padding),
+                    nn.GroupNorm(groups, channels), nn.SiLU()]
+
+        if kind == "pooled":
+            layers = block(3, 2, 1) + [nn.AdaptiveAvgPool2d(1)]
+        else:
+            layers = []
+            h, w = self.size
+            while max(h, w) > 4:
+                # a side already at most 4 is kept (1-wide kernel along it) while the longer one is halved
+                k = (4 if h > 4 else 1, 4 if w > 4 else 1)
+                st = (2 if h > 4 else 1, 2 if w > 4 else 1)
+                pad = (1 if h > 4 else 0, 1 if w > 4 else 0)
+                layers += block(k, st, pad)
+                h, w = (h + 2 * pad[0] - k[0]) // st[0] + 1, (w + 2 * pad[1] - k[1]) // st[1] + 1
+            layers += block((h, w), (h, w), 0)
+        self.net = nn.Sequential(*layers, nn.Conv2d(channels, 1, 1))
 
     def forward(self, feat):
+        if self.kind == "dmd2" and tuple(feat.shape[-2:]) != self.size:
+            raise ValueError(f"the GAN head was built for {self.size[0]}×{self.size[1]} features, got "
+                             f"{tuple(feat.shape[-2:])}: train at the --resolution the head was made for")
         return self.net(feat.float()).flatten(1)[:, 0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint's head of another layout (the pooled head of runs before DMD2's head became the
+        # default, or another map size) would fail deep inside the load with a shape list: say what to do.
+        theirs = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix)}
+        mine = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if theirs and theirs != mine:
+            pooled = theirs.get("net.0.weight", ())[-2:] == (3, 3) and "net.4.weight" in theirs
+            if pooled:
+                hint = "it holds the pooled head of earlier fewstep runs: resume with --gan_head pooled"
+            else:
+                hint = (f"it was written for another head or feature size (this run: --gan_head {self.kind}, "
+                        f"{self.size[0]}×{self.size[1]} features): resume with the run's own --gan_head and "
+                        "--resolution")
+            raise ConfigError(f"the checkpoint's GAN head does not fit this run's: {hint}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class FakeScore(torch.nn.Module):
@@ -295,7 +412,7 @@ class _Logits(tuple):
 class DMD2(Method):
     name = "dmd2"
     Config = DMD2Config
-    resume_keys = ("fake_score_lora_rank", "fake_score_lora_target_modules")
+    resume_keys = ("fake_score_lora_rank", "fake_score_lora_target_modules", "gan_head", "regression_only")
 
     @classmethod
     def memory_hints(cls, cfg, mcfg):
@@ -304,6 +421,18 @@ class DMD2(Method):
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:
+        if mcfg.regression_only and (mcfg.gan or mcfg.fake_score_lora_rank is not None):
+            raise ConfigError("--regression_only trains the generator alone (no fake score, no GAN): drop "
+                              "--cls_on_clean_image / --gen_cls_loss_weight / --guidance_cls_loss_weight / "
+                              "--fake_score_lora_rank, or run them in the DMD2 stage that follows")
+        if mcfg.lpips_weights:
+            from ..eval.lpips import LPIPS
+
+            LPIPS.from_file(mcfg.lpips_weights)  # another layout is refused before the teacher loads
+        if mcfg.cls_on_clean_image and not mcfg.gan:
+            raise ConfigError("--cls_on_clean_image turns the GAN head on, but --gen_cls_loss_weight and "
+                              "--guidance_cls_loss_weight are both 0: give one > 0, or drop "
+                              "--cls_on_clean_image")
         N = bundle.schedule.num_train_timesteps
         if mcfg.num_denoising_step > 1 and N % mcfg.num_denoising_step:
             raise ConfigError(f"--num_denoising_step {mcfg.num_denoising_step} must divide the teacher's {N} "
@@ -331,7 +460,10 @@ class DMD2(Method):
         self.lora = mcfg.fake_score_lora_rank is not None
         # Trainable copies first, from the fp32 teacher weights, before the teacher is cast.
         self.generator = bundle.new_denoiser()
-        fake_net = None if self.lora else bundle.new_denoiser()
+        if mcfg.generator_ckpt_path:
+            load_generator(self.generator, mcfg.generator_ckpt_path, bundle.denoiser_name)
+        # The regression stage trains G alone: no fake score is built.
+        fake_net = None if (self.lora or mcfg.regression_only) else bundle.new_denoiser()
         # The frozen teacher (real score) in the mixed-precision dtype; with a LoRA fake score its base
         # weights are the fake score's too and are frozen, so they go to that dtype as well.
         bundle.to(dev, dtype=wdt, denoiser_dtype=wdt if (cfg.cast_teacher_unet or self.lora) else torch.float32)
@@ -344,16 +476,26 @@ class DMD2(Method):
         head = tap = None
         if mcfg.gan:
             tap = bundle.feature_tap(fake_net)
-            head = ClassifierHead(tap.channels)
-        self.guidance = FakeScore(fake_net, head, tap).to(dev)
+            head = ClassifierHead(tap.channels, tap.size(*self._latent_shape(1)[-2:]), mcfg.gan_head)
+        self.guidance = None if mcfg.regression_only else FakeScore(fake_net, head, tap).to(dev)
         self.generator.to(dev)
+        self.lpips = None
+        if mcfg.regression_loss == "lpips":
+            from ..eval.lpips import LPIPS
+
+            self.lpips = LPIPS.from_file(mcfg.lpips_weights).to(dev)
         if cfg.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
-            if not self.lora:
+            if fake_net is not None and not self.lora:
                 fake_net.enable_gradient_checkpointing()
 
     # ---- groups and schedule ---------------------------------------------------------------
     def groups(self):
+        m = self.mcfg
+        gen = {"generator": Group(self.generator, lr=m.generator_lr,
+                                  params=list(self.generator.parameters()))}
+        if m.regression_only:
+            return gen
         if self.lora:
             fake = [p for _, p in adapter_params(self._fake_unet(), "default")]
         else:
@@ -361,11 +503,11 @@ class DMD2(Method):
         head = self._guidance().cls_head
         if head is not None:
             fake += list(head.parameters())
-        m = self.mcfg
-        return {"generator": Group(self.generator, lr=m.generator_lr, params=list(self.generator.parameters())),
-                "guidance": Group(self.guidance, lr=m.guidance_lr, params=fake)}
+        return {**gen, "guidance": Group(self.guidance, lr=m.guidance_lr, params=fake)}
 
     def phase(self, step):
+        if self.mcfg.regression_only:
+            return "generator"
         return phase_of(step, self.mcfg.dfake_gen_update_ratio)
 
     def schedule_ticks(self, phase, step):
@@ -407,7 +549,8 @@ class DMD2(Method):
         if scale == 1.0:
             return sch.to_x0_eps(score(z, t, cond), z, t)[0]
         zz, tt = torch.cat([z, z]), torch.cat([t, t])
-        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, self.bundle.uncond(B, size=self._size()))), zz, tt)[0]
+        uncond = self.bundle.uncond(B, size=self._size(), like=cond)
+        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, uncond)), zz, tt)[0]
         x0_c, x0_u = x0.chunk(2)
         return cfg_combine(x0_c, x0_u, scale)
 
@@ -467,6 +610,10 @@ class DMD2(Method):
 
     def generator_loss(self, batch, cond, B):
         m, sch, dev = self.mcfg, self.schedule, self.accelerator.device
+        if m.regression_only:  # the regression stage: no generated batch, no score, no GAN
+            l_reg = self.regression_loss(batch, cond)
+            loss = m.regression_loss_weight * l_reg
+            return StepOutput(loss, {"loss_regression": l_reg.detach(), "loss": loss.detach()})
         z, t_g = self.generator_input(batch, cond, B)
         x = self._generate_x0(self.generator, z, t_g, cond)
         logs = {}
@@ -496,17 +643,43 @@ class DMD2(Method):
         return StepOutput(loss, logs)
 
     def regression_loss(self, batch, cond):
-        """G at its first timestep on the recorded teacher noise vs the teacher's image (latents)."""
+        """G at its first timestep on the recorded teacher noise vs the teacher's output for that noise:
+        latent MSE, or LPIPS of the decoded output against the teacher's image."""
         meta = batch.get("meta") or {}
         if "seed" not in meta or "rand_device" not in meta:
             raise ConfigError("--regression_loss_weight needs teacher noise → image pairs: data rows with seed and "
                               "rand_device columns (write them with `fewstep generate`)")
+        if self.cfg.proportion_empty_prompts > 0:
+            # a pair is (prompt, noise) → image: its target is the prompt's, so the prompt is never dropped
+            cond = self.bundle.cond_from_text(self.bundle.batch_text(batch), self._size())
         shape = self._latent_shape(1)[1:]
         noise = batch_noise([int(s) for s in meta["seed"]], meta["rand_device"], shape, device=self.accelerator.device)
         t = torch.tensor([self.timesteps[0]] * noise.shape[0], device=noise.device)
         x = self._generate_x0(self.generator, noise, t, cond)
-        target = self.bundle.batch_latents(batch)
-        return F.mse_loss(x.float(), target.float())
+        saved = self._saved_latents(meta, shape)
+        if self.lpips is None:
+            with torch.no_grad():
+                target = saved if saved is not None else self.bundle.batch_latents(batch, sample=False)
+            return F.mse_loss(x.float(), target.float())
+        with torch.no_grad():
+            image = (self.bundle.decode_pixels(saved) if saved is not None else
+                     batch["pixel_values"].to(x.device, torch.float32))
+        return self.lpips(self.bundle.decode_pixels(x), image).mean()
+
+    def _saved_latents(self, meta, shape) -> torch.Tensor | None:
+        """The teacher's final latents of each row (``fewstep generate --save_latents``), or None."""
+        paths = meta.get("latents")
+        if not paths or not all(paths):
+            return None
+        from safetensors.torch import load_file
+
+        src = Path(self.cfg.train_data_dir)
+        root = src if src.is_dir() else src.parent
+        lat = torch.stack([load_file(str(root / p))["latents"] for p in paths]).to(self.accelerator.device)
+        if tuple(lat.shape[1:]) != tuple(shape):
+            raise ConfigError(f"the rows' saved latents have shape {tuple(lat.shape[1:])}, but --resolution "
+                              f"{self.cfg.resolution} gives {tuple(shape)}: train at the data's resolution")
+        return lat.float()
 
     def _logits(self, net, x, cond):
         """D(x): the head on the fake score's bottleneck, x re-noised first (diffusion GAN)."""
@@ -537,9 +710,13 @@ class DMD2(Method):
         loss = F.mse_loss(out.float(), sch.target(x, eps, t).float())
         logs = {"loss_fake": loss.detach()}
         if gan and m.guidance_cls_loss_weight > 0:
-            real, real_cond = self.bundle.encode_batch(batch)
+            # The data's latents under the generated samples' own condition: the same captions and, where
+            # the family has micro-conditioning, the same fixed (res, res, 0, 0, res, res) time ids, as
+            # DMD2 gives its real images; with each image's own original size and crop the discriminator
+            # could tell real from generated by the conditioning alone.
+            real = self.bundle.batch_latents(batch)
             d_fake = self._logits(self.guidance, x, cond)
-            d_real = self._logits(self.guidance, real, real_cond)
+            d_real = self._logits(self.guidance, real, cond)
             l_cls = F.softplus(d_fake).mean() + F.softplus(-d_real).mean()
             loss = loss + m.guidance_cls_loss_weight * l_cls
             logs["guidance_cls_loss"] = l_cls.detach()

@@ -230,8 +230,11 @@ class LCM(Method):
         f_theta = c_skip_s * z_s + c_out_s * self._predict(self.student, z_s, s, cond, w_in).x0
 
         with torch.no_grad():
-            # Teacher: one guided solver step s → t; cond and uncond in a single batched forward.
-            both = self._teacher(torch.cat([z_s, z_s]), torch.cat([s, s]), cat_cond(cond, self.bundle.uncond(B)))
+            # Teacher: one guided solver step s → t; cond and uncond in a single batched forward. The
+            # uncond half carries the cond half's image-size conditioning (SDXL's time ids), as the
+            # reference scripts and the pipeline give it.
+            uncond = self.bundle.uncond(B, like=cond)
+            both = self._teacher(torch.cat([z_s, z_s]), torch.cat([s, s]), cat_cond(cond, uncond))
             cond_pred, uncond_pred = (Prediction(*parts) for parts in zip(
                 both.x0.chunk(2), both.eps.chunk(2), both.raw.chunk(2)))
             guided = cfg_prediction(cond_pred, uncond_pred, w=w.view(-1, 1, 1, 1))  # CFG scale 1 + w

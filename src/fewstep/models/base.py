@@ -104,10 +104,11 @@ def net_config(net) -> dict:
 class Tap:
     """Where a discriminator head reads a denoiser's features: ``attach(callback)`` hooks the network so
     that every forward calls ``callback(feature_map)`` with a (B, channels, h, w) tensor, and returns the
-    hook handles."""
+    hook handles; ``size(h, w)``: that map's (h, w) for latents of h × w (a head is built for it)."""
 
     channels: int
     attach: Callable[[Callable[[torch.Tensor], None]], list]
+    size: Callable[[int, int], tuple[int, int]]
 
 
 class ModelBundle:
@@ -286,14 +287,17 @@ class ModelBundle:
         dist = DiagonalGaussianDistribution(moments.to(self.device, non_blocking=True).float())
         return self._scale((dist.sample() if sample else dist.mode()).contiguous())
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1]."""
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], not clamped, with gradients to ``latents`` (an image-space loss's input)."""
         z = latents.to(self.vae.dtype) / self.scaling_factor
         if self.shift_factor:
             z = z + self.shift_factor
-        x = self.vae.decode(z).sample
-        return (x.float() / 2 + 0.5).clamp(0, 1)
+        return self.vae.decode(z).sample.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1]."""
+        return (self.decode_pixels(latents) / 2 + 0.5).clamp(0, 1)
 
     # ---- conditioning -------------------------------------------------------------------------
     def cond_from_text(self, text: Cond, size=None, original_size=None, crop_top_left=None) -> Cond:
@@ -304,9 +308,11 @@ class ModelBundle:
         """The denoiser's condition for ``prompts`` at image ``size`` (h, w)."""
         return self.cond_from_text(self.embed_text(prompts), size, original_size, crop_top_left)
 
-    def uncond(self, batch_size: int, size=None) -> Cond:
+    def uncond(self, batch_size: int, size=None, like: Cond | None = None) -> Cond:
         """The unconditional input of classifier-free guidance: the empty prompt, encoded as the family's
-        pipeline encodes its default negative prompt."""
+        pipeline encodes its default negative prompt. ``like``: the conditional input this one is paired
+        with in a CFG batch; a family with micro-conditioning gives the unconditional pass the same
+        image-size conditioning (as its pipeline does), others ignore it."""
         if self._uncond is None:
             self._uncond = self.encode_text([""])
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items()}

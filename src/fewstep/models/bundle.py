@@ -46,6 +46,16 @@ def family_of(root: str) -> type[ModelBundle]:
                       f"(supported: {known}); docs/ADDING.md says how to add one")
 
 
+def teacher_family(path: str, revision: str | None = None) -> str:
+    """The family label of a teacher folder (a LoRA folder: of its base model), from model_index.json
+    alone: what config resolution needs to pick the family's recipe defaults before any weight loads."""
+    from .lora import META_FILE, is_lora_folder
+
+    if is_lora_folder(path):
+        return teacher_family(json.loads((Path(path) / META_FILE).read_text())["base_model"], revision)
+    return family_of(check_teacher_path(path, revision)).family
+
+
 def load_bundle(path: str, **kw) -> ModelBundle:
     """The teacher (or a student folder) as a bundle of its family. Keyword arguments are those of
     :meth:`ModelBundle.load`; ``use_fix_crop_and_size`` reaches families with micro-conditioning only."""

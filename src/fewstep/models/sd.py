@@ -132,12 +132,18 @@ class SDBundle(ModelBundle):
         return student.float().train()
 
     def feature_tap(self, net) -> Tap:
-        """The UNet bottleneck: the mid-block's output, (B, last block channels, h/2^k, w/2^k)."""
+        """The UNet bottleneck: the mid-block's output, (B, last block channels, ⌈h/2^k⌉, ⌈w/2^k⌉),
+        k the number of down blocks with a downsampler (all but the last; each halves, rounding up)."""
 
         def attach(callback):
             return [net.mid_block.register_forward_hook(lambda module, args, output: callback(output))]
 
-        return Tap(net.config.block_out_channels[-1], attach)
+        def size(h, w):
+            for _ in range(len(net.config.block_out_channels) - 1):
+                h, w = -(-h // 2), -(-w // 2)
+            return h, w
+
+        return Tap(net.config.block_out_channels[-1], attach, size)
 
     # ---- LoRA ---------------------------------------------------------------------------
     def kohya_lora(self, peft_state_dict, alpha):

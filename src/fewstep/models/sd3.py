@@ -165,7 +165,8 @@ class SD3Bundle(ModelBundle):
 
             return [net.register_forward_pre_hook(grab_size, with_kwargs=True), mid.register_forward_hook(fold)]
 
-        return Tap(net.config.num_attention_heads * net.config.attention_head_dim, attach)
+        inner = net.config.num_attention_heads * net.config.attention_head_dim
+        return Tap(inner, attach, lambda h, w: (h // p, w // p))
 
     # ---- a teacher from scratch (`fewstep train-teacher`) ---------------------------------------
     # An SD3-architecture MMDiT on 32 px digits: 8×8×4 latents in 2×2 patches (16 image tokens), two

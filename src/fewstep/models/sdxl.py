@@ -127,13 +127,22 @@ class SDXLBundle(SDBundle):
         n = text["encoder_hidden_states"].shape[0]
         return {**text, "time_ids": self.time_ids(n, size, original_size, crop_top_left)}
 
-    def uncond(self, batch_size: int, size=None) -> Cond:
-        """Zeros for both text inputs (SDXL's ``force_zeros_for_empty_prompt``), same time ids."""
+    def uncond(self, batch_size: int, size=None, like=None) -> Cond:
+        """Zeros for both text inputs (SDXL's ``force_zeros_for_empty_prompt``) and the time ids of the
+        conditional input ``like`` row by row: StableDiffusionXLPipeline passes the same
+        ``add_time_ids`` to both halves of its CFG batch, and diffusers' LCD scripts copy the conditional
+        ``time_ids`` (each image's original size and crop) into the unconditional pass. Without
+        ``like``: the time ids of an uncropped image of ``size``."""
         if self._uncond is None or self._uncond["size"] != self._size(size):
             c = self.encode_text([""], size)
             self._uncond = {"size": self._size(size), "encoder_hidden_states": torch.zeros_like(c["encoder_hidden_states"]),
                             "text_embeds": torch.zeros_like(c["text_embeds"]), "time_ids": c["time_ids"]}
-        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items() if k != "size"}
+        out = {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._uncond.items() if k != "size"}
+        if like is not None:
+            if like["time_ids"].shape[0] != batch_size:
+                raise ValueError(f"uncond: {batch_size} rows asked, the conditional input has {like['time_ids'].shape[0]}")
+            out["time_ids"] = like["time_ids"]
+        return out
 
     def pipeline(self, denoiser, scheduler):
         from diffusers import StableDiffusionXLPipeline

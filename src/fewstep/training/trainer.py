@@ -266,6 +266,14 @@ class Trainer:
     def __init__(self, spec: RunSpec, bundle=None):
         from accelerate.utils import set_seed
 
+        if spec.teacher_family is None and getattr(spec.method_cls, "needs_teacher", False):
+            # A spec resolved without its teacher's family (built in Python, not by the command line):
+            # resolve the family's recipe defaults now, before anything reads the settings.
+            from ..models.bundle import teacher_family
+
+            t = spec.train
+            spec = spec.with_family(bundle.family if bundle is not None else
+                                    teacher_family(t.pretrained_teacher_model, t.teacher_revision))
         self.spec, cfg = spec, spec.train
         self.cfg = cfg
         # What the run would refuse, before anything is loaded or written (the same checks as --dry_run).
@@ -295,6 +303,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.method_cls = method_cls = spec.method_cls
+        for line in spec.family_report():
+            log.info(line)
         if bundle is None:  # settings × the teacher's configs, before its weights load
             check_teacher(spec, method_cls.preflight(cfg, spec.method))
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
@@ -459,6 +469,7 @@ class Trainer:
         resume = self._resolve_resume()
         if resume:
             check_resume_settings(resume, self.spec.to_dict(), TRAINER_RESUME_KEYS + tuple(self.method_cls.resume_keys))
+            self._warn_changed_family_defaults(resume)
             wanted = self._optimizer_settings()
             sh = self.sharding
             load_checkpoint(acc, resume, st, self._json_objects(),
@@ -564,6 +575,20 @@ class Trainer:
                 changed.append(f"--{k}: {old[k]!r} -> {now[k]!r}")
         for line in changed:
             log.warning("resumed with a changed setting (applied): %s", line)
+
+    def _warn_changed_family_defaults(self, resume: Path) -> None:
+        """A family default that differs from the value the checkpoint's run recorded (a run from before
+        the default existed) would change the recipe mid-run without a word: say so."""
+        import yaml
+
+        recorded = resume.parent / "fewstep_config.yaml"
+        old = (yaml.safe_load(recorded.read_text()) or {}) if recorded.is_file() else {}
+        now = self.spec.to_dict()
+        for d in self.spec.applied:
+            if d.key in old and old[d.key] != now[d.key]:
+                log.warning("--%s is %r now (the teacher family's default: %s), but %s recorded %r: give "
+                            "--%s %r to keep training as before", d.key, now[d.key], d.source, recorded,
+                            old[d.key], d.key, old[d.key])
 
     def train(self):
         cfg, acc, st = self.cfg, self.acc, self.state

@@ -104,6 +104,8 @@ def optional_packages(monkeypatch):
     import fewstep.config
 
     monkeypatch.setattr(fewstep.config, "installed", lambda module: True)
+    # (likewise a GPU: --fsdp_offload is refused without one, test_reliability.py checks that refusal)
+    monkeypatch.setattr(fewstep.config, "has_gpu", lambda: True)
 
 
 @pytest.fixture(scope="module")

@@ -673,6 +673,13 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def has_gpu() -> bool:
+    """Whether this machine has a CUDA device (settings that only act on one are refused without it)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate_train(c: TrainConfig) -> None:
     """Checks that need no model or file: every bad value is reported before anything loads."""
 
@@ -799,12 +806,9 @@ def validate_sharding(c: TrainConfig) -> None:
     for flag, (on, msg) in why.items():
         if on:
             raise ConfigError(f"--fsdp with --{flag}: {msg}")
-    if c.fsdp_offload:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--fsdp_offload moves the shards from the GPU into CPU memory; without a GPU they are in "
-                              "CPU memory already: drop it")
+    if c.fsdp_offload and not has_gpu():
+        raise ConfigError("--fsdp_offload moves the shards from the GPU into CPU memory; without a GPU they are in "
+                          "CPU memory already: drop it")
 
 
 def launcher_fsdp() -> Any | None:

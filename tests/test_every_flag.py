@@ -41,6 +41,8 @@ ALT = {
     "checkpoints_total_limit": [2], "resume_from_checkpoint": ["latest"], "validation_steps": [10, 20],
     "validation_prompts": [["x"]], "validation_inference_steps": [[1]], "validation_guidance_scale": [3.0],
     "max_nan_steps": [5],
+    "fsdp": [True], "fsdp_frozen": ["shard", "replicate"], "fsdp_offload": [True], "fsdp_reshard_after_forward": [False],
+    "fsdp_wrap": [["BasicTransformerBlock"]], "rng_streams": ["batch", "rank"],
     # other tools' habits (PaddleMIX, DiffSynth-Studio, kohya, the hub)
     "preset": ["lcm/sd15"], "overwrite_output_dir": [True], "do_train": [True], "logging_steps": [5],
     "disable_tqdm": [True], "find_unused_parameters": [True], "push_to_hub": [True], "hub_model_id": ["me/student"],
@@ -78,7 +80,7 @@ TRAIN_BASES = [{}, {"validation_steps": 0}, {"report_to": "none"}, {"lr_schedule
                {"train_data_dir": None, "train_shards_path_or_url": "s/{0..3}.tar"},
                {"train_data_dir": None, "file_list": "list.txt"}, {"train_data_dir": None, "dataset_name": "mnist"},
                {"train_data_dir": None, "cache_dir": "{cache}"}, {"pretrained_teacher_model": "org/teacher"},
-               {"push_to_hub": True}]
+               {"push_to_hub": True}, {"fsdp": True}]
 BASES = {
     "lcm": TRAIN_BASES + [{"lora_rank": 4}, {"lora_rank": 4, "mixed_precision": "bf16"}, {"loss_type": "huber"}],
     "direct": [{}, {"lora_rank": 4}, {"validation_steps": 0}],
@@ -102,6 +104,8 @@ def optional_packages(monkeypatch):
     import fewstep.config
 
     monkeypatch.setattr(fewstep.config, "installed", lambda module: True)
+    # (likewise a GPU: --fsdp_offload is refused without one, test_reliability.py checks that refusal)
+    monkeypatch.setattr(fewstep.config, "has_gpu", lambda: True)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fewstep.cli import main, parse_run
+from fewstep.config import ConfigError
 from fewstep.methods import REGISTRY
 from fewstep.training import checkpoint as ck
 from fewstep.training.trainer import Trainer
@@ -371,53 +372,76 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
 @pytest.mark.parametrize("name,kind,procs", [("multi_gpu", "MULTI_GPU", 8), ("multi_node", "MULTI_GPU", 16),
-                                             ("fsdp", "FSDP", 8), ("deepspeed_zero2", "DEEPSPEED", 8)])
+                                             ("fsdp", "FSDP", 8), ("deepspeed_zero2", "DEEPSPEED", 8),
+                                             ("deepspeed_zero3", "DEEPSPEED", 8)])
 def test_accelerate_configs_load_as_launch_reads_them(name, kind, procs):
     from accelerate.commands.config.config_args import load_config_from_file
 
     c = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     assert c.distributed_type.value == kind and c.num_processes == procs
+    if name.startswith("deepspeed_zero"):
+        assert c.deepspeed_config["zero_stage"] == int(name[-1])
 
 
-def test_fsdp_config_resolves_to_a_plugin_that_wraps_the_unet_blocks(tiny_teacher, monkeypatch):
-    """What `accelerate launch --config_file fsdp.yaml` exports to each rank, turned into accelerate's FSDP
-    plugin; its auto-wrap classes must exist in a diffusers UNet, or FSDP would shard nothing."""
-    from accelerate import FullyShardedDataParallelPlugin
+def _launcher_env(name: str) -> dict[str, str]:
+    """What `accelerate launch --config_file <name>.yaml` exports to each rank."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
-    from diffusers import UNet2DConditionModel
 
-    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / "fsdp.yaml"), "-m", "fewstep"])
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / f"{name}.yaml"), "-m", "fewstep"])
     out = _validate_launch_command(args)
-    env = prepare_multi_gpu_env(out[0] if isinstance(out, tuple) else args)
-    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+    return prepare_multi_gpu_env(out[0] if isinstance(out, tuple) else args)
+
+
+def test_fsdp_config_turns_fewstep_sharding_on_with_its_settings(tmp_path, monkeypatch):
+    """configs/accelerate/fsdp.yaml as each rank sees it: accelerate's FSDP2 plugin builds from it (also on a
+    machine without an accelerator: FSDP2 needs no sync_module_states), and fewstep's settings take it in —
+    --fsdp on, the config's offload / reshard / activation checkpointing as the --fsdp_* settings. An FSDP1
+    config and one that contradicts the command line are refused (exit 2), never half-applied."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    env = _launcher_env("fsdp")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
     for k, v in env.items():
         if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
             monkeypatch.setenv(k, v)
-    unet = UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet")
-    present = {type(m).__name__ for m in unet.modules()}
-    assert set(env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")) <= present
-    if not torch.cuda.is_available():
-        # The reason FSDP is not run in the CPU tests (docs/RELIABILITY.md): accelerate's plugin itself
-        # refuses CPU-only machines. If a later accelerate lifts this, this line says to update the docs.
-        with pytest.raises(RuntimeError, match="no available devices"):
-            FullyShardedDataParallelPlugin()
-        return
     plugin = FullyShardedDataParallelPlugin()
-    assert "FULL_SHARD" in str(plugin.sharding_strategy)
-    plugin.set_auto_wrap_policy(unet)
-    assert plugin.auto_wrap_policy is not None
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True and plugin.auto_wrap_policy is None
+    cfg = parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"]).train
+    assert cfg.fsdp and not cfg.fsdp_offload and cfg.fsdp_reshard_after_forward and cfg.fsdp_wrap is None
+    assert not cfg.gradient_checkpointing
+    with pytest.raises(ConfigError, match="contradicts the accelerate config"):
+        parse_run(["--pretrained_teacher_model", "t", "--report_to", "none", "--fsdp_reshard_after_forward", "false"])
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "BasicTransformerBlock,ResnetBlock2D")
+    cfg = parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"]).train
+    assert cfg.gradient_checkpointing and cfg.fsdp_wrap == ["BasicTransformerBlock", "ResnetBlock2D"]
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    if torch.cuda.is_available():
+        assert parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"]).train.fsdp_offload
+    else:  # (offloading moves shards off a GPU: refused where there is none)
+        with pytest.raises(ConfigError, match="--fsdp_offload"):
+            parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"])
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"])
 
 
-def test_fsdp_request_on_cpu_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
-    """accelerate enables FSDP only for GPU-like devices; on CPU the run is plain (or DDP) and says so."""
+def test_fsdp_config_on_cpu_says_fewstep_shards_itself(tmp_path, monkeypatch, caplog):
+    """accelerate enables its FSDP only for GPU-like devices; on CPU the run is MULTI_CPU and fewstep's own
+    sharding (--fsdp, turned on by the config) does the sharding, which the log says."""
     from fewstep.training.trainer import build_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
     cfg = parse_run(["--pretrained_teacher_model", "t", "--report_to", "none"]).train
+    assert cfg.fsdp
     acc = build_accelerator(cfg, tmp_path)
     assert acc.distributed_type.value != "FSDP"
-    assert "accelerate runs FSDP only on GPUs" in caplog.text
+    assert "fewstep shards the networks itself" in caplog.text and "--fsdp is off" not in caplog.text
 
 
 def test_disk_full_in_a_real_run_exits_1_and_resume_continues(tiny_teacher, caption_folder, tmp_path, monkeypatch,

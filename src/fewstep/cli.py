@@ -16,7 +16,7 @@ commands:
   distill    distil a teacher into a few-step student   (fewstep distill --help)
   train-teacher  train a small text-to-image teacher from scratch (same options as distill)
   sample     generate images with a trained student     (fewstep sample --help)
-  export     merge a LoRA student into a full pipeline   (fewstep export --fuse ...)
+  export     merge a LoRA student into a full pipeline (--fuse), or export a checkpoint (--from_checkpoint)
   eval       quality vs steps of teachers and students  (fewstep eval --help)
   cache      precompute VAE latents and text embeddings  (fewstep cache --help)
   generate   teacher images + metadata.csv for --method direct (fewstep generate --help)
@@ -46,6 +46,18 @@ def dry_run(spec) -> int:
     check_teacher(spec, light)
     if light is not None:
         print(f"teacher: {light.describe()}")
+    if cfg.fsdp:  # the bytes each rank will hold: the method's networks built on the meta device
+        import os
+
+        from .training.sharding import dry_run_report
+
+        n = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            print(dry_run_report(spec, light, sorted({n, 8})))
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the sizes are information; the run's own checks come next
+            print(f"sharding: the networks could not be sized on the meta device ({type(e).__name__}: {e})")
     ds, sample = data.dataset, data.sample
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
@@ -364,11 +376,25 @@ def cmd_export(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="fewstep export", description=(
         "Write a LoRA student (fewstep distill output with LoRA) as a full diffusers pipeline folder, "
-        "the LoRA merged into the UNet."))
-    p.add_argument("--model", required=True, help="the LoRA output folder of fewstep distill")
-    p.add_argument("--fuse", action="store_true", help="merge the LoRA into the UNet (required today)")
+        "the LoRA merged into the UNet; or write the student of a checkpoint (a sharded --fsdp one "
+        "included) as the run would have exported it."))
+    p.add_argument("--model", help="the LoRA output folder of fewstep distill")
+    p.add_argument("--fuse", action="store_true", help="merge the LoRA into the UNet (required with --model)")
+    p.add_argument("--from_checkpoint", metavar="CKPT",
+                   help="a checkpoint folder (sharded under --fsdp, or not): write the student the run would "
+                        "have exported from it, in one process on the CPU")
     p.add_argument("--output_dir", required=True)
     a = p.parse_args(argv)
+    if a.from_checkpoint:
+        if a.model or a.fuse:
+            raise ConfigError("--from_checkpoint writes a checkpoint's student: drop --model / --fuse")
+        from .training.offline import export_checkpoint
+
+        out = export_checkpoint(Path(a.from_checkpoint), Path(a.output_dir))
+        print(f"student of {a.from_checkpoint} written to {out}")
+        return 0
+    if not a.model:
+        raise ConfigError("give --model LORA_FOLDER --fuse, or --from_checkpoint CKPT")
     from .models.bundle import load_bundle
     from .models.lora import folder_scheduler, is_lora_folder
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,6 +94,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
     vae_encode_batch_size: int = 32  # images per VAE encode call
+
+    # sharding (docs/SHARDING.md): networks too large for one device
+    fsdp: bool = False  # shard networks, gradients and optimizer state across processes (FSDP2)
+    fsdp_frozen: str = "auto"  # --fsdp, frozen teacher / real score: shard, replicate, auto (shard from 1 GiB)
+    fsdp_offload: bool = False  # --fsdp: parameters, gradients and optimizer state in CPU memory
+    fsdp_reshard_after_forward: bool = True  # --fsdp: free gathered weights after each forward
+    fsdp_wrap: list[str] | None = None  # --fsdp: class names of the units (default: blocks >= 1 % of a network)
+    rng_streams: str = "auto"  # rank, batch (per micro-batch: any process count), auto (batch under --fsdp)
 
     # speed (docs/PERFORMANCE.md): none of these changes what a step computes
     cudnn_benchmark: bool = True  # CUDA: time cuDNN's convolution algorithms once per shape, keep the fastest
@@ -606,7 +615,7 @@ def train_uses(c: TrainConfig) -> dict[str, Any]:
             "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "mixed_precision",
             "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "torch_compile", "report_to",
             "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "validation_steps",
-            "max_nan_steps",
+            "max_nan_steps", "fsdp", "rng_streams",
             # the machine decides what these do (CUDA only), not other options
             "allow_tf32", "cudnn_benchmark", "channels_last"]
     keys += [k for k in ("train_data_dir", "train_shards_path_or_url", "dataset_name", "file_list", "cache_dir")
@@ -617,6 +626,7 @@ def train_uses(c: TrainConfig) -> dict[str, Any]:
     keys += ["torch_compile_mode", "torch_compile_backend"] if c.torch_compile else []
     keys += ["adam_impl"] if not c.use_8bit_adam else []
     keys += ["logging_dir"] if c.report_to != "none" else []
+    keys += ["fsdp_frozen", "fsdp_offload", "fsdp_reshard_after_forward", "fsdp_wrap"] if c.fsdp else []
     keys += ["validation_prompts", "validation_inference_steps"] if c.validation_steps else []
     # the other tools' habits: each changes what runs, what is checked, or where the result goes
     keys += ["preset", "overwrite_output_dir", "logging_steps", "disable_tqdm", "find_unused_parameters",
@@ -666,6 +676,13 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def has_gpu() -> bool:
+    """Whether this machine has a CUDA device (settings that only act on one are refused without it)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate_train(c: TrainConfig) -> None:
     """Checks that need no model or file: every bad value is reported before anything loads."""
 
@@ -699,6 +716,7 @@ def validate_train(c: TrainConfig) -> None:
     need(not (c.use_8bit_adam and c.adam_impl == "fused"),
          "--adam_impl fused and --use_8bit_adam exclude each other: bitsandbytes has its own kernels")
     need(c.max_nan_steps >= 1, "--max_nan_steps must be >= 1")
+    validate_sharding(c)
     # options that would change nothing with these settings (see "every option does something")
     if not c.torch_compile:
         refuse_changed(c, ("torch_compile_mode", "torch_compile_backend"), "without --torch_compile: add it, or drop them")
@@ -762,6 +780,95 @@ def validate_train(c: TrainConfig) -> None:
     need(c.lr_warmup_steps == 0 or c.lr_scheduler != "constant",
          f"--lr_warmup_steps {c.lr_warmup_steps} has no effect with --lr_scheduler constant, which has no warmup: "
          "use --lr_scheduler constant_with_warmup (or drop --lr_warmup_steps)")
+
+
+def validate_sharding(c: TrainConfig) -> None:
+    """--fsdp and its options, the accelerate launcher's FSDP settings merged in first (an ``accelerate
+    launch`` with an FSDP config turns --fsdp on: training/sharding.py reads it)."""
+    if c.fsdp_frozen not in ("auto", "shard", "replicate"):
+        raise ConfigError(f"--fsdp_frozen must be auto, shard or replicate, got {c.fsdp_frozen!r}")
+    if c.rng_streams not in ("auto", "rank", "batch"):
+        raise ConfigError(f"--rng_streams must be auto, rank or batch, got {c.rng_streams!r}")
+    if c.fsdp_wrap is not None and not c.fsdp_wrap:
+        raise ConfigError("--fsdp_wrap must name at least one module class (or be left unset)")
+    apply_launcher_settings(c)
+    if not c.fsdp:
+        refuse_changed(c, ("fsdp_frozen", "fsdp_offload", "fsdp_reshard_after_forward", "fsdp_wrap"),
+                       "without --fsdp (they configure sharding): add --fsdp true, or drop them")
+        return
+    why = {"use_8bit_adam": (c.use_8bit_adam, "bitsandbytes' optimizer does not step sharded (DTensor) "
+                             "parameters; drop --use_8bit_adam (sharding already divides the AdamW state by "
+                             "the number of processes)"),
+           "mixed_precision fp16": (c.mixed_precision == "fp16", "fp16 needs a loss scaler whose overflow "
+                                    "check spans every shard, which fewstep does not run under --fsdp; use "
+                                    "--mixed_precision bf16 (no loss scaling needed)"),
+           "torch_compile": (c.torch_compile, "compiling sharded networks is not verified here; drop "
+                             "--torch_compile"),
+           "channels_last": (c.channels_last, "sharded weights are gathered into contiguous buffers, so the "
+                             "layout would not hold; drop --channels_last")}
+    for flag, (on, msg) in why.items():
+        if on:
+            raise ConfigError(f"--fsdp with --{flag}: {msg}")
+    if c.fsdp_offload and not has_gpu():
+        raise ConfigError("--fsdp_offload moves the shards from the GPU into CPU memory; without a GPU they are in "
+                          "CPU memory already: drop it")
+
+
+def launcher_fsdp() -> Any | None:
+    """The FSDP settings of an ``accelerate launch`` with an FSDP config (accelerate's plugin, parsed from
+    the environment the launcher sets), or None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()
+
+
+def apply_launcher_settings(c) -> None:
+    """Turn ``--fsdp`` on from an accelerate FSDP config and take its settings; a setting fewstep cannot
+    honour, or one given differently on the command line, is refused (nothing in a config is ignored)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if c.fsdp:
+            raise ConfigError("--fsdp and an accelerate DeepSpeed config exclude each other: launch with "
+                              "configs/accelerate/fsdp.yaml, or drop --fsdp")
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    where = "the accelerate config (fsdp_config)"
+    version = os.environ.get("FSDP_VERSION", "1")  # (accelerate's default); read before the plugin, whose
+    if version != "2":  # FSDP1 form may ask for a device this machine lacks
+        raise ConfigError(f"{where} asks for FSDP version {version}; fewstep shards with FSDP2: set "
+                          "fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
+    plugin = launcher_fsdp()
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
+
+    if plugin.state_dict_type not in (None, StateDictType.SHARDED_STATE_DICT):
+        raise ConfigError(f"{where}: fsdp_state_dict_type {plugin.state_dict_type.name}; fewstep's checkpoints "
+                          "under FSDP are sharded (each rank writes its part; `fewstep export --from_checkpoint` "
+                          "writes the full weights): set fsdp_state_dict_type: SHARDED_STATE_DICT")
+    if plugin.cpu_ram_efficient_loading:
+        raise ConfigError(f"{where}: fsdp_cpu_ram_efficient_loading true; every fewstep process loads the teacher "
+                          "itself: set it to false")
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    policy = getattr(plugin.auto_wrap_policy, "__name__", str(plugin.auto_wrap_policy))
+    if plugin.auto_wrap_policy is not None and "size_based" in policy:
+        raise ConfigError(f"{where}: fsdp_auto_wrap_policy SIZE_BASED_WRAP; fewstep shards blocks holding >= 1 % "
+                          "of a network (the default, fsdp_auto_wrap_policy NO_WRAP) or the classes of "
+                          "TRANSFORMER_BASED_WRAP with fsdp_transformer_layer_cls_to_wrap")
+    offload = isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+    wanted = {"fsdp_offload": offload, "fsdp_reshard_after_forward": bool(plugin.reshard_after_forward)}
+    if names and plugin.auto_wrap_policy is not None:
+        wanted["fsdp_wrap"] = list(names)
+    default = TrainConfig()
+    for key, value in wanted.items():
+        given = getattr(c, key)
+        if given != getattr(default, key) and given != value:
+            raise ConfigError(f"--{key} {given!r} contradicts {where}, which gives {value!r}: drop one of them")
+        setattr(c, key, value)
+    if plugin.activation_checkpointing:
+        c.gradient_checkpointing = True  # (the networks' own checkpointing: diffusers' blocks)
+    c.fsdp = True
 
 
 TrainConfig.validate = validate_train  # type: ignore[attr-defined]

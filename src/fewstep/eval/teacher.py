@@ -41,7 +41,7 @@ def teacher_images(teacher: str, prompts: list[str], seeds: list[int], steps: in
                           resolution, prompts, seeds])
         path = Path(cache_dir) / f"teacher-{steps}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
         if path.is_file():
-            return torch.load(path)
+            return torch.load(path, weights_only=True)  # (a tensor: nothing else is unpickled)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     images, _ = generate(run, prompts, seeds, resolution, batch_size, device, {} if bundles is None else bundles,
                          progress)

@@ -161,6 +161,16 @@ class Method:
         """Extra objects with state_dict/load_state_dict that checkpoints must hold (EMA targets)."""
         return {}
 
+    def frozen_networks(self) -> dict[str, torch.nn.Module]:
+        """Frozen denoisers the method runs through their forward only (the teacher / real score), which
+        --fsdp shards or keeps whole (--fsdp_frozen). Default: the teacher's denoiser unless a trained
+        group holds it (LoRA over the teacher). Stateful networks (EMA targets) need not be listed."""
+        net = getattr(self.bundle, "denoiser", None) if self.bundle is not None else None
+        if not isinstance(net, torch.nn.Module):
+            return {}
+        trained = {id(m) for g in self.groups().values() for m in g.module.modules()}
+        return {} if id(net) in trained else {"teacher": net}
+
     def sample(self, prompts: list[str], seeds: list[int], num_inference_steps: int,
                guidance_scale: float) -> torch.Tensor:
         """Images in [0, 1] from the current student, the way users will sample it."""

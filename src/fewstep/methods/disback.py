@@ -39,6 +39,7 @@ import torch
 from ..config import ConfigError, refuse_changed
 from ..models.bundle import frozen_copy
 from ..models.lora import active_adapter, adapter_params, attach_lora
+from ..training.sharding import copy_into, full_tensors
 from .base import StepOutput, register
 from .dmd2 import DMD2, DMD2Config, iteration_of, phase_of
 
@@ -184,6 +185,9 @@ class DisBack(DMD2):
     def stateful(self):
         return {**super().stateful(), "disback": self.state}
 
+    def frozen_networks(self):
+        return {**super().frozen_networks(), **({"target": self.target_unet} if self.target_unet is not None else {})}
+
     def stage1_steps(self) -> int:
         m = self.mcfg
         return m.degradation_steps if m.disback_stage == "both" else self.cfg.max_train_steps
@@ -213,10 +217,11 @@ class DisBack(DMD2):
 
     # ---- weights of the path ----------------------------------------------------------------
     def _weights(self, adapter: str) -> dict[str, torch.Tensor]:
-        """A path point: the fake score's full weights, or its LoRA delta under adapter-free key names."""
+        """A path point: the fake score's weights, or its LoRA delta under adapter-free key names, as the
+        network holds them (its shards under --fsdp)."""
         if self.lora:
             return {n.replace(f".{adapter}.", "."): p for n, p in adapter_params(self.bundle.denoiser, adapter)}
-        return dict(self._fake_unet().state_dict())
+        return dict(self._fake_unet().state_dict(keep_vars=True))
 
     def _load_strict(self, file: Path, adapter: str | None) -> None:
         from safetensors.torch import load_file
@@ -224,26 +229,24 @@ class DisBack(DMD2):
         sd = load_file(str(file))
         if self.lora:
             own = self._weights(adapter)
-            missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
-            if missing or unexpected:
-                raise RuntimeError(f"{file} does not fit the {adapter!r} adapter: missing {sorted(missing)[:3]}, "
-                                   f"unexpected {sorted(unexpected)[:3]}")
-            with torch.no_grad():
-                for k, p in own.items():
-                    p.copy_(sd[k])
         else:
             net = self.target_unet if adapter == "target" else self._fake_unet()
-            net.load_state_dict(sd, strict=True)
+            own = dict(net.state_dict(keep_vars=True))
+        missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
+        if missing or unexpected:
+            raise RuntimeError(f"{file} does not fit the {adapter!r} {'adapter' if self.lora else 'network'}: missing "
+                               f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        copy_into(own, sd)  # (each rank takes its shard of the full weights under --fsdp)
 
     def save_point(self, step: int) -> None:
         from safetensors.torch import save_file
 
         name = f"point-{step:07d}.safetensors"
         self.state.path.append(name)
+        weights = full_tensors(self._weights("default"))  # (every rank: gathers the shards under --fsdp)
         if self.accelerator.is_main_process:
             self.path_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in self._weights("default").items()},
-                      str(self.path_dir / name))
+            save_file({k: v.float().cpu().contiguous() for k, v in weights.items()}, str(self.path_dir / name))
             (self.path_dir / MANIFEST).write_text(json.dumps({"lora": self.lora, "points": self.state.path}) + "\n")
         self.accelerator.wait_for_everyone()
 

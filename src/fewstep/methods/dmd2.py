@@ -270,6 +270,11 @@ class DMD2Config:
                            "generator without the GAN's discriminator or the regression loss needs captions only)")
         if not cfg.validation_steps:
             refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+        if cfg.fsdp and self.gan:
+            # The head's gradient enters the fake score at its bottleneck feature, not at its output, where a
+            # sharded network's backward would gather the parameters outside its blocks (docs/SHARDING.md).
+            raise ConfigError("--fsdp with DMD2's GAN terms (--gen_cls_loss_weight / --guidance_cls_loss_weight > 0) "
+                              "is not supported yet: set both to 0, or train without --fsdp")
 
     def uses(self, cfg, bundle=None) -> dict:
         """The keys this run uses (config.used_settings)."""

@@ -32,7 +32,14 @@ from ..diffusion.sampling import make_scheduler, sample_images
 from ..diffusion.schedule import Prediction, pseudo_huber, skip_step_grid
 from ..export import export_pipeline
 from ..models.bundle import cat_cond, frozen_copy, weight_dtype_of
-from ..models.lora import active_adapter, adapters_disabled, add_ema_adapter, attach_lora, save_lora
+from ..models.lora import (
+    active_adapter,
+    adapter_params,
+    adapters_disabled,
+    add_ema_adapter,
+    attach_lora,
+    save_lora,
+)
 from ..training.ema import ema_update
 from .base import Group, Method, StepOutput, register
 
@@ -170,9 +177,14 @@ class LCM(Method):
             return {"student": Group(self.student, params=params)}
         return {"student": Group(self.student)}
 
-    def _adapter(self, name):
-        from ..models.lora import adapter_params
+    def bind(self, prepared):
+        super().bind(prepared)
+        if self.ema_pairs is not None:  # the parameters may be new objects (sharded under --fsdp)
+            net = self.accelerator.unwrap_model(self.student)
+            online = dict(adapter_params(net, "default"))
+            self.ema_pairs = [(p, online[n.replace(".ema.", ".default.")]) for n, p in adapter_params(net, "ema")]
 
+    def _adapter(self, name):
         return adapter_params(self.accelerator.unwrap_model(self.student), name)
 
     def stateful(self):

@@ -68,6 +68,10 @@ class TeacherConfig:
                            "or --teacher_vae): drop them")
 
     def validate_run(self, cfg):
+        if cfg.fsdp:
+            raise ConfigError("--fsdp shards networks too large for one device; train-teacher trains small teachers "
+                              "from scratch, and its VAE is called outside its forward (encode/decode), which "
+                              "sharding does not gather for: drop --fsdp (several processes run DDP)")
         if self.vae_steps >= cfg.max_train_steps:
             raise ConfigError(f"--vae_train_steps {self.vae_steps} leaves no denoiser steps in --max_train_steps "
                               f"{cfg.max_train_steps}: the denoiser (and --learning_rate) would never train; raise "

@@ -53,6 +53,7 @@ log = logging.getLogger("fewstep")
 COMPLETE = "fewstep_complete"  # the manifest, written last inside the temporary folder
 STATE_JSON = "fewstep_state.json"  # counters, data positions, non-tensor values of the method's objects
 STATE_TENSORS = "fewstep_state.safetensors"  # tensors of the method's stateful objects
+SHARDED_DIR = "sharded"  # --fsdp: networks and optimizers, one file per rank (torch.distributed.checkpoint)
 FORMAT = 2  # 1: the marker held the step, the state was pickled by accelerate (custom_checkpoint_<i>.pkl)
 # Which run wrote the checkpoint (rotation only removes the current run's) and its training time so far. Not
 # part of the training state: two runs to the same step have equal states and different ids and clocks.
@@ -61,7 +62,7 @@ _PAT = re.compile(r"^checkpoint-(\d+)$")
 FAULT_ENV = "FEWSTEP_TEST_FAULT"
 # Settings of the trainer itself that decide the optimizer state's layout; each method adds its own
 # (``Method.resume_keys``): a checkpoint written under other values cannot be loaded into this run.
-TRAINER_RESUME_KEYS = ("method", "use_8bit_adam")
+TRAINER_RESUME_KEYS = ("method", "use_8bit_adam", "fsdp")
 
 
 def fault_point(point: str, step: int) -> None:
@@ -217,9 +218,11 @@ def verify_checkpoint(folder: Path) -> dict | None:
     return manifest
 
 
-def check_processes(folder: Path, num_processes: int) -> None:
+def check_processes(folder: Path, num_processes: int | None) -> None:
     """An exact resume restores every rank's RNG state and data position: the checkpoint must hold
-    them for exactly this run's number of processes."""
+    them for exactly this run's number of processes (None: any number, see :func:`resolve_resume`)."""
+    if num_processes is None:
+        return
     have = sorted(int(m.group(1)) for p in Path(folder).glob("random_states_*.pkl")
                   if (m := re.match(r"random_states_(\d+)\.pkl$", p.name)))
     if have != list(range(num_processes)):
@@ -227,14 +230,20 @@ def check_processes(folder: Path, num_processes: int) -> None:
         raise ResumeMismatch(
             f"--resume_from_checkpoint {folder}: it holds the RNG states and data positions of {n} process(es) "
             f"(random_states_*.pkl), this run has {num_processes}. Resume with {n} process(es); a different "
-            "number would silently change the data order and the noise")
+            "number would silently change the data order and the noise (runs with --rng_streams batch, the "
+            "default under --fsdp, resume on any number at the same global batch)")
 
 
-def resolve_resume(out_dir: Path, spec: str | None, num_processes: int = 1) -> tuple[Path | None, list[str]]:
+def resolve_resume(out_dir: Path, spec: str | None, num_processes: int = 1,
+                   elastic: bool = False) -> tuple[Path | None, list[str]]:
     """(checkpoint to resume, what was skipped and why). ``latest`` → the newest checkpoint that passes
     :func:`verify_checkpoint` (damaged newer ones are renamed ``damaged-checkpoint-N``); None when there is
     none yet. An explicit folder must pass, or :class:`CheckpointError` names the damaged file.
+    ``elastic``: this run may resume a checkpoint of another number of processes (per-batch random
+    streams; the trainer checks the recorded layout, see training/seeding.py).
     Run by the main process only: it reads every byte of the chosen checkpoint."""
+    if elastic:
+        num_processes = None
     if not spec:
         return None, []
     out_dir = Path(out_dir)
@@ -405,21 +414,32 @@ def _read_legacy_state(folder: Path, train_state, objects: dict[str, Any]) -> No
                 f"which fewstep never writes; refused without running it ({str(e).splitlines()[0][:200]})") from None
 
 
-def load_checkpoint(accelerator, folder: Path, train_state, objects: dict[str, Any]) -> None:
+def load_checkpoint(accelerator, folder: Path, train_state, objects: dict[str, Any], read_sharded=None,
+                    rng_required: bool = True) -> None:
     """Load a verified checkpoint into the prepared models, optimizers, schedulers, RNG states (accelerate,
-    weights-only) and into fewstep's own state. Errors become messages naming the checkpoint."""
+    weights-only), the sharded state (``read_sharded(folder)`` on every rank, under --fsdp) and fewstep's
+    own state. Errors become messages naming the checkpoint. ``rng_required=False``: a rank whose RNG
+    state file is absent (a checkpoint of fewer processes) goes on without it (per-batch streams)."""
     folder = Path(folder)
     from accelerate.utils import load as weights_only_load
 
     # accelerate reads the RNG states inside a try that only logs a failure (a run that quietly stops
     # being exact): read this rank's file first, with the same weights-only loader, and stop if it fails.
     rng = folder / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_required and not rng.is_file():
+        rng = None
     try:
+        if rng is None:
+            raise FileNotFoundError
         weights_only_load(rng)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"--resume_from_checkpoint {folder}: {rng.name} holds objects other than tensors and plain values (a "
             f"tampered file?); refused without running it: {str(e).splitlines()[0][:200]}") from None
+    except FileNotFoundError:
+        if rng is not None:
+            raise CheckpointError(f"--resume_from_checkpoint {folder}: the RNG states {rng.name} are missing; an "
+                                  "exact resume needs them") from None
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"--resume_from_checkpoint {folder}: the RNG states {rng.name} cannot be read "
                               f"({type(e).__name__}: {str(e)[:200]}); an exact resume needs them") from None
@@ -432,6 +452,11 @@ def load_checkpoint(accelerator, folder: Path, train_state, objects: dict[str, A
             # RNG state is loaded, and asks to load them manually, which read_state does (weights-only).
             if (folder / STATE_JSON).is_file() or "Number of custom checkpoints" not in str(e):
                 raise
+        if read_sharded is not None:
+            if not (folder / SHARDED_DIR).is_dir():
+                raise ResumeMismatch(f"--resume_from_checkpoint {folder}: it holds no sharded state ({SHARDED_DIR}/), "
+                                     "it was written without --fsdp: resume it without --fsdp")
+            read_sharded(folder)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"--resume_from_checkpoint {folder}: a file holds objects other than tensors and plain values (a "
@@ -614,10 +639,11 @@ def clear_previous_run(out_dir: Path) -> list[str]:
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | None, write_extra=None,
-                    info: dict | None = None, need_bytes=None, run: dict | None = None) -> Path:
-    """Save to ``.tmp-checkpoint-<step>`` (accelerate's state on every rank, then ``write_extra(tmp)`` on
-    the main process), write the manifest, rename, rotate older checkpoints of the same run
-    (``run["run_id"]``, written with the rest of ``run`` to :data:`RUN_FILE`; None: every complete
+                    info: dict | None = None, need_bytes=None, run: dict | None = None,
+                    write_sharded=None) -> Path:
+    """Save to ``.tmp-checkpoint-<step>`` (accelerate's state and ``write_sharded(tmp)`` on every rank, then
+    ``write_extra(tmp)`` on the main process), write the manifest, rename, rotate older checkpoints of the
+    same run (``run["run_id"]``, written with the rest of ``run`` to :data:`RUN_FILE`; None: every complete
     checkpoint in the folder counts). Every rank learns whether every other one succeeded (one all-reduce
     per phase), so a failure on one rank never leaves the others waiting in a barrier. A full disk removes
     the temporary folder and raises :class:`CheckpointError` with the free space and the space a
@@ -633,6 +659,8 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, total_limit: int | No
     error: BaseException | None = None
     try:
         accelerator.save_state(str(tmp))
+        if write_sharded is not None:  # every rank writes its own shard file, in parallel
+            write_sharded(tmp)
         if main:
             fault_point("save_state", step)
             if write_extra is not None:

@@ -6,6 +6,7 @@ validation, checkpoints, signals and non-finite losses — and nothing about any
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -38,6 +39,8 @@ from .checkpoint import (
     write_state,
 )
 from .preflight import apply_text_length, check_run, check_teacher, wandb_reachable
+from .seeding import global_position, relayout, reseed
+from .sharding import BuildProxy, Sharding, build_device, plain, rng_mode, zero3_gathered, zero_stage
 from .speed import speed_setup
 
 log = logging.getLogger("fewstep")
@@ -65,6 +68,10 @@ class TrainState:
         # Streamed data: items of the current epoch consumed per rank and loader worker, so a resumed
         # run continues each worker's stream exactly (see data/stream.py).
         self.stream_pos: dict[int, dict[int, int]] = {}
+        # How the global batch was laid out when the checkpoint was written (processes, per-device batch,
+        # accumulation, random streams): a resume on another number of processes converts the data
+        # position from it (training/seeding.py).
+        self.layout: dict | None = None
 
     def state_dict(self):
         return dict(vars(self))
@@ -245,9 +252,11 @@ def build_accelerator(cfg, out: Path):
     from accelerate.utils import DistributedType
 
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
-        # accelerate turns FSDP on only for GPU-like devices; on CPU processes it silently runs DDP.
-        log.warning("an FSDP accelerate config was given, but accelerate runs FSDP only on GPUs: this run uses %s "
-                    "(whole model on every rank)", acc.distributed_type.value)
+        # accelerate turns FSDP on only for GPU-like devices; on CPU processes it would silently run DDP.
+        # The config turned --fsdp on (config.apply_launcher_settings): fewstep shards the networks itself.
+        log.warning("an FSDP accelerate config was given; accelerate runs FSDP only on GPUs (%s here), so "
+                    "fewstep shards the networks itself (--fsdp: training/sharding.py)%s",
+                    acc.distributed_type.value, "" if cfg.fsdp else " — but --fsdp is off: whole model on every rank")
     return acc
 
 
@@ -282,7 +291,10 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         quiet_libraries()  # accelerate logs ~8 INFO lines per checkpoint; fewstep writes one
-        set_seed(cfg.seed, device_specific=True)  # a different noise stream per rank
+        # A different noise stream per rank. Under --fsdp every rank builds the networks from rank 0's
+        # stream first (random initialisations, LoRA's A matrices, must agree: each rank keeps its own
+        # shard of what it built, where DDP broadcasts rank 0's weights), and takes its own stream after.
+        set_seed(cfg.seed, device_specific=not cfg.fsdp)
         if torch.cuda.is_available():
             # Training shapes are fixed (one resolution, one batch size): autotuning pays once.
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -304,13 +316,25 @@ class Trainer:
             self.bundle.denoiser.enable_xformers_memory_efficient_attention()
 
         # The method moves and casts what it holds frozen; trainables stay fp32 (autocast does the rest).
-        self.method = method_cls(cfg, spec.method, self.bundle, acc)
+        # Under --fsdp on GPUs it builds in CPU memory, and sharding moves each block's shard to the GPU.
+        build = BuildProxy(acc, build_device(acc)) if cfg.fsdp and acc.device.type != "cpu" else acc
+        self.method = method_cls(cfg, spec.method, self.bundle, build)
+        self.method.accelerator = acc
+        if cfg.fsdp and acc.process_index != 0:
+            set_seed(cfg.seed, device_specific=True)
         speed_setup(cfg, self.method, self.bundle, acc.device)
         groups = self.method.groups()
         if cfg.enable_xformers_memory_efficient_attention:
             for g in groups.values():
                 if hasattr(g.module, "enable_xformers_memory_efficient_attention"):
                     g.module.enable_xformers_memory_efficient_attention()
+        self.sharding: Sharding | None = None
+        if cfg.fsdp:  # (training/sharding.py) the groups' parameters are the sharded ones afterwards
+            self.sharding = Sharding(cfg, acc)
+            self.sharding.shard(self.method, groups)
+            self.sharding.relocate(self.method, acc.device)
+            groups = self.method.groups()
+        self.rng = rng_mode(cfg)
         from diffusers.optimization import get_scheduler
 
         self.names = list(groups)
@@ -350,9 +374,16 @@ class Trainer:
             persistent_workers=cfg.dataloader_num_workers > 0 and is_map,
             generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
 
-        prepared = acc.prepare(*[groups[n].module for n in self.names],
-                               *[self.opts[n] for n in self.names], *[self.scheds[n] for n in self.names])
         k = len(self.names)
+        if self.sharding is None:
+            prepared = acc.prepare(*[groups[n].module for n in self.names],
+                                   *[self.opts[n] for n in self.names], *[self.scheds[n] for n in self.names])
+        else:
+            # Sharded networks are not accelerate's to wrap (no DDP) and their state is not its to save (the
+            # sharded checkpoint holds networks and optimizers); it still saves schedules and RNG states.
+            scheds = acc.prepare(*[self.scheds[n] for n in self.names])
+            prepared = [groups[n].module for n in self.names] + [self.opts[n] for n in self.names] + \
+                (list(scheds) if k > 1 else [scheds])
         self.method.bind(dict(zip(self.names, prepared[:k])))
         self.opts = dict(zip(self.names, prepared[k:2 * k]))
         self.scheds = dict(zip(self.names, prepared[2 * k:]))
@@ -440,7 +471,11 @@ class Trainer:
             check_resume_settings(resume, self.spec.to_dict(), TRAINER_RESUME_KEYS + tuple(self.method_cls.resume_keys))
             self._warn_changed_family_defaults(resume)
             wanted = self._optimizer_settings()
-            load_checkpoint(acc, resume, st, self.objects)
+            sh = self.sharding
+            load_checkpoint(acc, resume, st, self._json_objects(),
+                            read_sharded=(lambda f: sh.load(f, self.opts)) if sh is not None else None,
+                            rng_required=not self._elastic())
+            relayout(st, self._layout(), self.is_map, resume)
             self._apply_changed_settings(resume, wanted)
             # The run it continues: rotation removes only this run's checkpoints; its training clock goes on.
             info = run_info(resume)
@@ -472,7 +507,8 @@ class Trainer:
             for line in recover(self.out):  # a run killed in the middle of a save leaves temporary folders
                 log.warning("checkpoint recovery: %s", line)
             try:
-                path, notes = resolve_resume(self.out, cfg.resume_from_checkpoint, acc.num_processes)
+                path, notes = resolve_resume(self.out, cfg.resume_from_checkpoint, acc.num_processes,
+                                             elastic=self._elastic())
                 for line in notes:
                     log.warning("checkpoint check: %s", line)
                 choice = [str(path) if path else None, None]
@@ -487,6 +523,20 @@ class Trainer:
             bad_input, msg = err
             raise (ResumeMismatch if bad_input else CheckpointError)(msg)
         return Path(path) if path else None
+
+    def _elastic(self) -> bool:
+        """Whether a checkpoint of another number of processes can resume exactly: per-batch random
+        streams and map-style data (streams keep positions per rank and loader worker)."""
+        return self.rng == "batch" and self.is_map
+
+    def _layout(self) -> dict:
+        return {"processes": self.acc.num_processes, "train_batch_size": self.cfg.train_batch_size,
+                "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps, "rng_streams": self.rng}
+
+    def _json_objects(self) -> dict:
+        """The method's stateful objects fewstep's JSON/safetensors state holds (sharded networks are in
+        the sharded state)."""
+        return self.sharding.json_objects(self.objects) if self.sharding is not None else self.objects
 
     def _optimizer_settings(self) -> dict[str, list[dict]]:
         """Every optimizer's group settings as this run built them (from its command line)."""
@@ -594,7 +644,7 @@ class Trainer:
         acc.wait_for_everyone()
         result, error = None, None
         try:
-            result = self.export()
+            result = self.export()  # (every rank: under --fsdp each takes part in gathering the weights)
         except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
             error = e
         if not agree(acc, error is None):  # the other ranks never wait for a main process that failed
@@ -615,13 +665,23 @@ class Trainer:
 
     def export(self) -> Path | None:
         """The student as users load it, with its card, in OUT (main process; None elsewhere). After
-        :meth:`train`, or after :meth:`start` alone to export a resumed checkpoint as it is. Refuses a
-        student that no step trained or that holds a non-finite value; the files go to a temporary
-        folder first, so a failure (a full disk) leaves no half-written student."""
+        :meth:`train`, or after :meth:`start` alone to export a resumed checkpoint as it is; called on
+        every rank. Refuses a student that no step trained or that holds a non-finite value; the files
+        go to a temporary folder first, so a failure (a full disk) leaves no half-written student."""
+        st, acc = self.state, self.acc
+        # Under --fsdp every rank takes part in gathering the full weights to the main process's CPU memory
+        # (a run that trained nothing is refused below: every rank knows it, and none gathers).
+        gather = contextlib.nullcontext()
+        if self.sharding is not None and st.good_steps:
+            gather = self.sharding.full_weights(acc.is_main_process)
+        elif zero_stage(acc) == 3 and st.good_steps:  # parameters partitioned by DeepSpeed: gather them
+            gather = zero3_gathered([g.module for g in self.method.groups().values()])
+        with gather:
+            return self._export_main() if acc.is_main_process else None
+
+    def _export_main(self) -> Path:
         from ..export import ExportError, atomic_export
 
-        if not self.acc.is_main_process:
-            return None
         st, cfg = self.state, self.cfg
         if st.good_steps == 0:
             raise ExportError(
@@ -673,12 +733,15 @@ class Trainer:
             mine = st.stream_pos.get(self.acc.process_index, {})
             st.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
         config = self.spec.to_dict()
+        st.layout = self._layout()
+        sh = self.sharding
         path = save_checkpoint(
             self.acc, self.out, st.step, self.cfg.checkpoints_total_limit,
-            write_extra=lambda folder: write_state(folder, st.state_dict(), self.objects, config),
+            write_extra=lambda folder: write_state(folder, st.state_dict(), self._json_objects(), config),
             info={"good_steps": st.good_steps, "last_good_step": st.last_good_step},
             need_bytes=lambda: checkpoint_bytes(self.out, self.acc, self.objects),
-            run={"run_id": self.run_id, "train_seconds": round(self.train_seconds, 3)})
+            run={"run_id": self.run_id, "train_seconds": round(self.train_seconds, 3)},
+            write_sharded=(lambda folder: sh.save(folder, self.opts)) if sh is not None else None)
         self._saved_step = st.step
         self.last_good_ckpt = path
         if self.acc.is_main_process:
@@ -710,6 +773,9 @@ class Trainer:
         for _ in range(cfg.gradient_accumulation_steps):
             batch = self._next_batch()
             n_samples += len(batch["caption"])
+            if self.rng == "batch":  # this micro-batch's draws, whichever process runs it (training/seeding.py)
+                reseed(cfg.seed, st.epoch, global_position(st.batch_in_epoch - 1, acc.process_index,
+                                                           acc.num_processes))
             with acc.accumulate(module):
                 # Every network the method runs (frozen teacher and target included) under the mixed-
                 # precision autocast, as the trainable ones already are through accelerate's wrapper.
@@ -727,6 +793,7 @@ class Trainer:
                     # factor is clamped to exactly 1). DeepSpeed clips inside its engine and returns None.
                     gn = acc.clip_grad_norm_(module.parameters(),
                                              cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                    gn = None if gn is None else plain(gn)  # (sharded gradients give a replicated DTensor)
                     bad, cause, gn = self._skip_decision(loss_bad, gn, logs_t, n_samples)
                     if not bad:
                         opt.step()
@@ -734,7 +801,10 @@ class Trainer:
                         # clip_grad_norm_ unscaled the gradients; close the scaler's step so the next
                         # unscale is allowed (found-inf makes it back off its scale, as a skip would).
                         acc.scaler.update()
-                opt.zero_grad(set_to_none=True)
+                if self.sharding is None or acc.sync_gradients:
+                    # (accelerate's optimizer wrapper zeroes only at a sync step; a sharded run's raw
+                    # optimizer must keep the accumulated gradients the same way)
+                    opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {k: v for k, v in self._host_logs.items()}
         logs[f"lr/{phase}"] = opt.param_groups[0]["lr"]  # the learning rate this step used
         self._tick_schedules(phase, st.step)
@@ -817,8 +887,9 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        """Student samples at each validation step count on fixed prompts and seeds → PNG + tracker."""
-        if not self.acc.is_main_process:
+        """Student samples at each validation step count on fixed prompts and seeds → PNG + tracker. Under
+        --fsdp every rank samples (each forward gathers the shards: a collective), the main one writes."""
+        if not self.acc.is_main_process and self.sharding is None:
             self.acc.wait_for_everyone()
             return
         cfg = self.cfg
@@ -833,6 +904,9 @@ class Trainer:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # validation never shifts the training RNG
             rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale) for n in steps]
+        if not self.acc.is_main_process:
+            self.acc.wait_for_everyone()
+            return
         grid = image_grid(rows)
         from PIL import Image
 

@@ -163,6 +163,7 @@ class Direct(Method):
         root = Path(cfg.train_data_dir)
         self.data_root = root if root.is_dir() else root.parent
         self.sampling = _Sampling()
+        self._grids_ok: set[int] = set()
         self.sampling.K, self.sampling.w = mcfg.student_steps, mcfg.student_guidance_scale
 
     def groups(self):
@@ -205,6 +206,25 @@ class Direct(Method):
         uncond = self.bundle.uncond(len(captions), size=(res, res)) if w > 1.0 else None
         return guided_denoiser(self.bundle, net, cond, uncond, w)
 
+    def _check_grid(self, K: int) -> None:
+        """Refuse a step count the student's scheduler cannot sample: a flow scheduler stretched to a
+        terminal σ (``shift_terminal``) divides by zero on a one-step grid, in the vanilla pipeline too."""
+        if K in self._grids_ok:
+            return
+        res = self.cfg.resolution
+        kw = self.bundle.timestep_kwargs(res, res, None, K)
+        if "sigmas" in kw or "timesteps" in kw:
+            self.sched.set_timesteps(**kw)
+        else:
+            self.sched.set_timesteps(K, **kw)
+        if not torch.isfinite(torch.as_tensor(self.sched.sigmas if hasattr(self.sched, "sigmas")
+                                              else self.sched.timesteps)).all():
+            raise ConfigError(f"the student's {type(self.sched).__name__} (the teacher's scheduler config, "
+                              f"shift_terminal={self.bundle.scheduler_config.get('shift_terminal')}) has no finite "
+                              f"{K}-step grid: train for >= 2 steps (--student_steps, or the rows' "
+                              "num_inference_steps)")
+        self._grids_ok.add(K)
+
     # ---- loss ---------------------------------------------------------------------------------
     def loss(self, phase, batch, step):
         meta = batch.get("meta") or {}
@@ -213,6 +233,7 @@ class Direct(Method):
                               "metadata written by `fewstep generate`); this data has none")
         B, res, dev = len(batch["caption"]), self.cfg.resolution, self.accelerator.device
         K, w = self._row_settings(meta, B)
+        self._check_grid(K)
         self.sampling.K, self.sampling.w = K, w
         shape = self.bundle.latent_shape(res, res)
         devices = meta.get("rand_device") or ["cpu"] * B
@@ -225,7 +246,7 @@ class Direct(Method):
         denoise = self.denoiser(self.student, list(batch["caption"]), w)
         with self.accelerator.autocast():
             states = unroll(denoise, self.sched, x_T, K, self.checkpoint,
-                            timestep_kwargs=self.bundle.timestep_kwargs(res, res))
+                            timestep_kwargs=self.bundle.timestep_kwargs(res, res, None, K))
         z_K = states[-1].float()
         final = F.mse_loss(z_K, x_hat)
         logs = {"loss_final": final.detach()}

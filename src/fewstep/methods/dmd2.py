@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..diffusion.guidance import cfg as cfg_combine
 from ..diffusion.noise import batch_noise
 from ..diffusion.sampling import make_scheduler, sample_images
+from ..diffusion.schedule import Prediction
 from ..export import export_pipeline
 from ..models.bundle import cat_cond, weight_dtype_of
 from ..models.lora import adapter_params, adapters_disabled, attach_lora, save_lora
@@ -305,14 +305,15 @@ class DMD2(Method):
         return self.bundle.denoise(net if net is not None else self._guidance(), z, t, cond)
 
     def _guided_x0(self, score, z, t, cond, scale):
-        """x̂₀ under classifier-free guidance x̂₀_u + s (x̂₀_c − x̂₀_u): cond and uncond in one batch."""
+        """x̂₀ under classifier-free guidance x̂₀_u + s (x̂₀_c − x̂₀_u), as the family's pipeline guides
+        (:meth:`~fewstep.models.base.ModelBundle.guide_prediction`): cond and uncond in one batch."""
         sch, B = self.schedule, z.shape[0]
         if scale == 1.0:
             return sch.to_x0_eps(score(z, t, cond), z, t)[0]
         zz, tt = torch.cat([z, z]), torch.cat([t, t])
-        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, self.bundle.uncond(B, size=self._size()))), zz, tt)[0]
-        x0_c, x0_u = x0.chunk(2)
-        return cfg_combine(x0_c, x0_u, scale)
+        both = sch.predict(score(zz, tt, cat_cond(cond, self.bundle.uncond(B, size=self._size()))), zz, tt)
+        c, u = (Prediction(*parts) for parts in zip(both.x0.chunk(2), both.eps.chunk(2), both.raw.chunk(2)))
+        return self.bundle.guide_prediction(c, u, z, t, scale, schedule=sch).x0
 
     def _size(self):
         return (self.cfg.resolution, self.cfg.resolution)
@@ -466,7 +467,7 @@ class DMD2(Method):
             return None
         sched = self.scheduler(num_inference_steps)
         res = self.cfg.resolution
-        sched.set_timesteps(num_inference_steps, **self.bundle.timestep_kwargs(res, res))
+        sched.set_timesteps(num_inference_steps, **self.bundle.timestep_kwargs(res, res, None, num_inference_steps))
         own = sched.timesteps.tolist()
         if all(abs(a - b) < 1e-3 for a, b in zip(own, self.timesteps)):
             return None

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..diffusion.guidance import cfg_prediction
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..diffusion.schedule import Prediction, pseudo_huber, skip_step_grid
 from ..export import export_pipeline
@@ -185,7 +184,8 @@ class LCM(Method):
             both = self._teacher(torch.cat([z_s, z_s]), torch.cat([s, s]), cat_cond(cond, self.bundle.uncond(B)))
             cond_pred, uncond_pred = (Prediction(*parts) for parts in zip(
                 both.x0.chunk(2), both.eps.chunk(2), both.raw.chunk(2)))
-            guided = cfg_prediction(cond_pred, uncond_pred, w=w.view(-1, 1, 1, 1))  # CFG scale 1 + w
+            # CFG scale 1 + w, as the family's pipeline guides
+            guided = self.bundle.guide_prediction(cond_pred, uncond_pred, z_s, s, w=w.view(-1, 1, 1, 1), schedule=sch)
             z_t = sch.step(guided.x0, guided.eps, t)
             # Target: f_θ⁻(z_t, w, c, t) with the EMA network.
             target = c_skip_t * z_t + c_out_t * self._target(z_t, t, cond, w_in).x0

@@ -11,10 +11,13 @@ A method never asks which model it distils. It asks the bundle for capabilities 
 - **the denoiser**: :attr:`denoiser` (the teacher network), :meth:`denoise` (raw output),
   :meth:`new_denoiser` (a trainable copy, with a guidance embedding where :attr:`guidance_embedding`
   says the architecture takes one), :meth:`feature_tap` (features for a discriminator head);
-- **sampling**: :meth:`timestep_kwargs` (explicit timesteps and resolution-dependent shifts in the form
-  the family's scheduler and pipeline take), :meth:`schedule_for` (the training schedule at a size);
+- **guidance**: :meth:`guide` / :meth:`guide_prediction` (classifier-free guidance as the family's
+  pipeline combines cond and uncond), :attr:`cfg_batch`, :meth:`guidance_call_kwargs`;
+- **sampling**: :meth:`timestep_kwargs` (explicit timesteps, the pipeline's own sampling grid and
+  resolution-dependent shifts in the form the family's scheduler and pipeline take), :meth:`schedule_for`
+  (the training schedule at a size);
 - **outputs**: :attr:`denoiser_name`, :meth:`pipeline`, :attr:`lora_targets`, :meth:`lora_save_kwargs`,
-  :meth:`kohya_lora`.
+  :meth:`kohya_lora` / :meth:`lora_layouts`.
 
 A family is one module in this package that subclasses :class:`ModelBundle`, implements the abstract
 parts and registers itself in :data:`fewstep.models.bundle.FAMILIES` (docs/ADDING.md).
@@ -32,7 +35,11 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import ConfigError
-from ..diffusion.guidance import cat_cond  # noqa: F401  (re-exported: methods import it with the bundle)
+from ..diffusion.guidance import (
+    cat_cond,  # noqa: F401  (re-exported: methods import it with the bundle)
+    cfg,
+    cfg_prediction,
+)
 from ..diffusion.schedule import Prediction, Schedule, schedule_from_config
 
 Cond = dict[str, torch.Tensor]
@@ -128,6 +135,9 @@ class ModelBundle:
     # does; StableDiffusion3Pipeline does not, so a stochastic scheduler there draws from torch's global
     # RNG): the sampler does the same, so that images equal the vanilla pipeline's.
     step_generator: ClassVar[bool] = True
+    # Whether samplers run CFG's uncond and cond as one batch (the SD pipelines do); False where the
+    # pipeline runs two forwards (Qwen-Image: prompts of different lengths), so that images equal its own.
+    cfg_batch: ClassVar[bool] = True
 
     def __init__(self, root: str, parts: dict[str, Any], scheduler_config: dict, vae_encode_batch_size: int = 32):
         self.root = root
@@ -372,6 +382,25 @@ class ModelBundle:
         """Whether ``net`` takes the guidance scale as an input (so samplers run no CFG batch for it)."""
         return False
 
+    # ---- classifier-free guidance -----------------------------------------------------------------
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale=None, *, w=None) -> torch.Tensor:
+        """Classifier-free guidance of raw denoiser outputs as the family's pipeline combines them (scale
+        s, or the LCM papers' w = s − 1; :func:`fewstep.diffusion.guidance.cfg`). Samplers and methods
+        guide only through here, so a family whose pipeline modifies the guided output (a rescaling)
+        keeps its own guided ODE everywhere."""
+        return cfg(cond, uncond, scale, w=w)
+
+    def guide_prediction(self, cond: Prediction, uncond: Prediction, z: torch.Tensor, t: torch.Tensor, scale=None,
+                         *, w=None, schedule: Schedule | None = None) -> Prediction:
+        """The guided (x̂₀, ε̂) at (z, t) from the conditional and unconditional predictions. CFG is linear,
+        so by default x̂₀ and ε̂ are guided directly; a family whose guidance is not linear guides the raw
+        output (:meth:`guide`) and converts that."""
+        return cfg_prediction(cond, uncond, scale, w=w)
+
+    def guidance_call_kwargs(self, scale: float) -> dict:
+        """The pipeline-call arguments that sample at CFG scale ``scale`` (for model cards)."""
+        return {"guidance_scale": scale}
+
     @staticmethod
     def _cast_dtype(net, z: torch.Tensor) -> torch.dtype:
         """The dtype to feed ``net``: its weights' dtype, or the input's own under autocast (which casts
@@ -404,11 +433,13 @@ class ModelBundle:
         mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
         return schedule_from_config(self.scheduler_config, mu=mu).to(self.device) if mu is not None else self.schedule
 
-    def timestep_kwargs(self, height: int, width: int, timesteps: list | None = None) -> dict:
+    def timestep_kwargs(self, height: int, width: int, timesteps: list | None = None,
+                        num_inference_steps: int | None = None) -> dict:
         """``set_timesteps`` / pipeline-call arguments for sampling at this size: the resolution-dependent
         ``mu`` where the scheduler shifts by resolution, and explicit timesteps in the form the scheduler
         takes (DDPM tables: ``timesteps``; flow schedulers: ``sigmas``, which they shift themselves,
-        so the unshifted values are given)."""
+        so the unshifted values are given). ``num_inference_steps``: a family whose pipeline passes its
+        own grid for K steps (rather than the scheduler's default) gives it here."""
         kw: dict = {}
         mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
         if mu is not None:
@@ -429,6 +460,14 @@ class ModelBundle:
     def kohya_lora(self, peft_state_dict: dict[str, torch.Tensor], alpha: float) -> dict | None:
         """The LoRA in kohya / ComfyUI key layout, or None where the family has none."""
         return None
+
+    def lora_layouts(self, peft_state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, dict]:
+        """The LoRA in the family's other key layouts, by file name (next to ``pytorch_lora_weights.
+        safetensors``): the kohya file where :meth:`kohya_lora` gives one."""
+        from .lora import KOHYA_FILE
+
+        kohya = self.kohya_lora(peft_state_dict, alpha)
+        return {} if kohya is None else {KOHYA_FILE: kohya}
 
     # ---- outputs --------------------------------------------------------------------------------
     @property

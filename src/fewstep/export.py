@@ -38,10 +38,12 @@ def export_pipeline(bundle, unet, scheduler, out_dir: Path, vae_override: str | 
 
 
 def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, Any], metrics: dict | None = None,
-                     load_args: str = "", call_kwargs: dict | None = None):
+                     load_args: str = "", call_kwargs: dict | None = None, guidance_kwargs=None):
     """README.md with a code block that runs as written, and fewstep_sampling.json. ``load_args``: the
     extra ``from_pretrained`` arguments the family's folders need (:meth:`ModelBundle.card_load_args`);
-    ``call_kwargs``: pipeline-call arguments its conditioning depends on (:meth:`ModelBundle.call_kwargs`)."""
+    ``call_kwargs``: pipeline-call arguments its conditioning depends on (:meth:`ModelBundle.call_kwargs`);
+    ``guidance_kwargs(scale)``: the pipeline-call arguments of a CFG scale (:meth:`ModelBundle.
+    guidance_call_kwargs`; default ``guidance_scale=scale``)."""
     steps = facts.get("num_inference_steps", 4)
     gs = facts.get("guidance_scale", 1.0)
     gs_num = gs
@@ -58,6 +60,8 @@ def write_model_card(out_dir: Path, teacher: str, method: str, facts: dict[str, 
         ts_arg += "".join(f", {k}={v!r}" for k, v in call_kwargs.items())
     (Path(out_dir) / "fewstep_sampling.json").write_text(json.dumps(hints) + "\n")
     sched = facts.get("scheduler", "LCMScheduler")
+    guidance = guidance_kwargs(gs_num) if guidance_kwargs else {"guidance_scale": gs_num}
+    guidance_arg = "".join(f", {k}={v!r}" for k, v in guidance.items())
     if facts.get("lora"):  # no model_index.json here: the base model, then the adapter and its scheduler
         load = (f'pipe = DiffusionPipeline.from_pretrained("{teacher}"{load_args})\n'
                 f'pipe.load_lora_weights("{out_dir}", weight_name="pytorch_lora_weights.safetensors")\n'
@@ -81,7 +85,7 @@ import torch
 from diffusers import DiffusionPipeline, {sched}
 
 {load}
-image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs_num}{ts_arg}).images[0]
+image = pipe("a prompt", num_inference_steps={steps}{guidance_arg}{ts_arg}).images[0]
 ```
 
 or `fewstep sample --model {out_dir} --prompt "a prompt" --num_inference_steps {steps}`.

@@ -92,7 +92,7 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
 
 
 def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int | None = None, checkpoint: bool = False,
-           generator=None, timestep_kwargs: dict | None = None) -> list[torch.Tensor]:
+           generator=None, timestep_kwargs: dict | None = None, layout=None) -> list[torch.Tensor]:
     """States [z_0 = x_T·σ_init, z_1, …, z_K] of ``scheduler``'s K-step sampler.
 
     ``denoise(z, t)`` returns the (guided) model output; ``scheduler.step`` is the library's own code,
@@ -100,7 +100,9 @@ def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int | Non
     ``checkpoint`` each denoiser call runs under ``torch.utils.checkpoint`` (only the K step inputs are
     kept). Only the denoiser call is checkpointed: the step itself is cheap, and some schedulers
     advance an internal counter on every call, which must not happen twice. ``timestep_kwargs`` go to
-    ``set_timesteps`` (explicit timesteps or sigmas, a resolution-dependent ``mu``)."""
+    ``set_timesteps`` (explicit timesteps or sigmas, a resolution-dependent ``mu``). ``layout``: the
+    family's (to, back) of the latent layout its pipeline steps the scheduler in
+    (:meth:`~fewstep.models.base.ModelBundle.latent_layout`): a stochastic step draws its noise in it."""
     kw = dict(timestep_kwargs or {})
     if "timesteps" in kw or "sigmas" in kw:
         scheduler.set_timesteps(device=x_T.device, **kw)
@@ -116,7 +118,11 @@ def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int | Non
             out = torch.utils.checkpoint.checkpoint(denoise, inp, t, use_reentrant=False)
         else:
             out = denoise(inp, t)
-        z = scheduler.step(out, t, z, return_dict=True, **step_kw).prev_sample  # LCM: x̂₀ itself at the end
+        if layout is None:
+            z = scheduler.step(out, t, z, return_dict=True, **step_kw).prev_sample  # LCM: x̂₀ itself at the end
+        else:
+            to, back = layout
+            z = back(scheduler.step(to(out), t, to(z), return_dict=True, **step_kw).prev_sample, z.shape)
         states.append(z)
     return states
 
@@ -178,7 +184,8 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
 
     kw = bundle.timestep_kwargs(height, width, timesteps, num_inference_steps)
     step_gen = (gens if len(gens) > 1 else gens[0]) if bundle.step_generator else None
-    states = unroll(denoise, scheduler, latents, num_inference_steps, generator=step_gen, timestep_kwargs=kw)
+    states = unroll(denoise, scheduler, latents, num_inference_steps, generator=step_gen, timestep_kwargs=kw,
+                    layout=bundle.latent_layout())
     return states[-1]
 
 

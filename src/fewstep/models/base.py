@@ -416,6 +416,12 @@ class ModelBundle:
         return out if out.dtype == torch.float64 else out.float().contiguous()
 
     # ---- schedules and sampling ------------------------------------------------------------------
+    def latent_layout(self):
+        """(to, back): how the family's pipeline lays out latents while it steps the scheduler, where that
+        is not (B, C, h, w) (2×2-packed tokens), with ``back(x, shape)``; None otherwise. Samplers step in
+        that layout, so a stochastic scheduler draws the pipeline's noise for the same seed."""
+        return None
+
     def _base_schedule(self) -> Schedule:
         cfg = self.scheduler_config
         if cfg.get("use_dynamic_shifting"):
@@ -448,7 +454,8 @@ class ModelBundle:
             return kw
         if self.schedule.kind != "flow":
             return {**kw, "timesteps": [int(t) for t in timesteps]}
-        shift = self.schedule_for(height, width).shift
+        # (the table's shift at this size; no device needed, so configs-only bundles answer too)
+        shift = schedule_from_config(self.scheduler_config, mu=mu).shift if mu is not None else self.schedule.shift
         sig = [float(t) / self.schedule.num_train_timesteps for t in timesteps]
         return {**kw, "sigmas": [s / (shift - (shift - 1) * s) for s in sig]}  # the inverse of the shift map
 

@@ -286,6 +286,9 @@ class QwenImageBundle(ModelBundle):
         return {"true_cfg_scale": 1.0}  # (the pipeline's default 4.0 only warns without a negative prompt)
 
     # ---- schedules ------------------------------------------------------------------------------
+    def latent_layout(self):
+        return pack, lambda x, shape: unpack(x, shape[-2], shape[-1])  # the pipeline steps packed latents
+
     def shift_mu(self, height: int, width: int) -> float | None:
         """QwenImagePipeline's μ: linear in the packed image sequence length, from base_shift at
         base_image_seq_len to max_shift at max_image_seq_len (the pipeline's arithmetic, term by term)."""

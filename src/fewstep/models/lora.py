@@ -3,8 +3,9 @@ off, EMA adapter, save in the formats the ecosystem loads, load back, fuse.
 
 The diffusers file holds PEFT key names with their LoraConfig as metadata (what ``save_lora_weights``
 writes for peft models), under the denoiser's name (``unet.…`` / ``transformer.…``) as the family's
-pipeline expects; where the family has other layouts (a kohya / ComfyUI file, :meth:`ModelBundle.kohya_lora`;
-DiffSynth-Studio's; :meth:`ModelBundle.lora_layouts`) those files are written too. Target modules default to the family's (:attr:`ModelBundle.lora_targets`).
+pipeline expects; where the family has other layouts (a kohya / ComfyUI file, :meth:`ModelBundle.
+kohya_lora`; DiffSynth-Studio's; :meth:`ModelBundle.lora_layouts`) those files are written too. Target
+modules default to the family's (:attr:`ModelBundle.lora_targets`).
 """
 
 from __future__ import annotations

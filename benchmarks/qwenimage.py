@@ -1,5 +1,6 @@
-"""Qwen-Image: parameter counts of the full architecture, and peak memory and seconds per step of direct
-distillation (full, LoRA) and LCD on the CPU with the transformer cut to a few of its blocks.
+"""Qwen-Image: parameter counts of the full architecture, and peak memory and seconds per step of every
+method (direct full and LoRA, LCD, LCM-LoRA, DMD2, DisBack) on the CPU with the transformer cut to a few
+of its blocks.
 
 1. Counts, on the meta device (shapes only, nothing allocated): the QwenImageTransformer2DModel of the
    released model (diffusers' defaults: 60 dual-stream blocks of width 3072, text width 3584), the
@@ -13,7 +14,11 @@ distillation (full, LoRA) and LCD on the CPU with the transformer cut to a few o
    prompt embeddings (3584 wide, padded to 512 tokens with their mask) are served as a `fewstep cache`
    serves them; the VAE is the full one.
 
-    python benchmarks/qwenimage.py                      # counts + 3 CPU rows, writes QWENIMAGE.md
+Each row's result is recorded in ``qwenimage_rows.json`` with its date, threads and settings, so a run of
+some rows (``--rows``) keeps the others' results; QWENIMAGE.md is written from all recorded rows.
+
+    python benchmarks/qwenimage.py                      # counts + every CPU row, writes QWENIMAGE.md
+    python benchmarks/qwenimage.py --rows "DMD2, 1-step generator, LoRA r32 fake score"
     python benchmarks/qwenimage.py --counts_only
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -37,7 +43,17 @@ ROWS = {
     "direct, full transformer": (dict(method="direct"), 1e-5),
     "direct, LoRA r32 (DiffSynth's targets)": (dict(method="direct", lora_rank=32), 1e-4),
     "LCD, full transformer (EMA target)": (dict(method="lcm"), 1e-6),
+    "LCM-LoRA r32 (+ EMA adapter)": (dict(method="lcm", lora_rank=32, ema_decay=0.95), 1e-4),
+    # DMD2 / DisBack: one generator and one fake-score update per step (--dfake_gen_update_ratio 1)
+    "DMD2, 1-step generator, LoRA r32 fake score": (
+        dict(method="dmd2", fake_score_lora_rank=32, dfake_gen_update_ratio=1), 2e-6),
+    "DMD2, 1-step generator, full fake score": (dict(method="dmd2", dfake_gen_update_ratio=1), 2e-6),
+    # (the warm-up step is DisBack's one degradation step; the timed ones backtrack)
+    "DisBack, LoRA r32 fake score": (
+        dict(method="disback", fake_score_lora_rank=32, dfake_gen_update_ratio=1, degradation_steps=1,
+             degradation_interval=1, interval=1), 2e-6),
 }
+RECORD = Path(__file__).with_name("qwenimage_rows.json")
 PROMPT = "a photo of a red cat sitting on a wooden table next to a window in soft morning light"
 
 
@@ -141,6 +157,7 @@ def child(label: str, layers: int, res: int, steps: int, tmp: Path) -> dict:
            "resolution": res, "train_batch_size": 1, "mixed_precision": "no", "max_train_steps": steps + 1,
            "gradient_checkpointing": True, "learning_rate": lr, "lr_warmup_steps": 0, "validation_steps": 0,
            "checkpointing_steps": 10**6, "report_to": "none", "dataloader_num_workers": 0, **opts}
+    base_params = n_params(transformer)  # (before a method attaches LoRA adapters to it)
     tr = Trainer(resolve(cfg, method_configs()), bundle=bundle)
     tr.start()
     trainable = sum(p.numel() for ps in tr.params.values() for p in ps)
@@ -152,7 +169,9 @@ def child(label: str, layers: int, res: int, steps: int, tmp: Path) -> dict:
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {"label": label, "s_per_step": statistics.median(times), "peak_rss_gib": peak / GiB,
-            "transformer_params": n_params(transformer), "trainable_params": trainable}
+            "transformer_params": base_params, "trainable_params": trainable,
+            "threads": torch.get_num_threads(), "layers": layers, "resolution": res, "steps": steps,
+            "date": datetime.date.today().isoformat()}
 
 
 def main() -> int:
@@ -161,36 +180,44 @@ def main() -> int:
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--counts_only", action="store_true")
+    p.add_argument("--rows", nargs="*", default=None, choices=list(ROWS),
+                   help="run only these rows (default: all); the others keep their recorded results")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per row (1 on a machine shared with other jobs)")
     p.add_argument("--out", default=str(Path(__file__).with_name("QWENIMAGE.md")))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         import torch
 
-        torch.set_num_threads(2)
+        torch.set_num_threads(a.threads)
         with tempfile.TemporaryDirectory(prefix="fewstep-qwen-bench-") as tmp:
             print("RESULT " + json.dumps(child(a.child, a.layers, a.resolution, a.steps, Path(tmp))), flush=True)
         return 0
-    t_start = time.time()
     c = counts()
     print(json.dumps(c, indent=1), flush=True)
-    results = []
+    recorded = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
     if not a.counts_only:
-        for label in ROWS:
+        for label in a.rows if a.rows is not None else ROWS:
             cmd = [sys.executable, __file__, "--child", label, "--layers", str(a.layers), "--resolution",
-                   str(a.resolution), "--steps", str(a.steps)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+                   str(a.resolution), "--steps", str(a.steps), "--threads", str(a.threads)]
+            t_row = time.time()
+            env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not line:
                 print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
                 return 1
-            results.append(json.loads(line[0][len("RESULT "):]))
-            print(results[-1], flush=True)
-    write_report(Path(a.out), c, results, a, time.time() - t_start)
+            r = json.loads(line[0][len("RESULT "):])
+            recorded[label] = {**r, "row_seconds": time.time() - t_row}
+            print(r, flush=True)
+            RECORD.write_text(json.dumps(recorded, indent=1) + "\n")  # each row as soon as it is measured
+    results = [recorded[label] for label in ROWS if label in recorded]
+    write_report(Path(a.out), c, results, a)
     return 0
 
 
-def write_report(path: Path, c: dict, results: list[dict], a, seconds: float) -> None:
+def write_report(path: Path, c: dict, results: list[dict], a) -> None:
     import diffusers
     import torch
     import transformers
@@ -198,13 +225,16 @@ def write_report(path: Path, c: dict, results: list[dict], a, seconds: float) ->
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
     B = 1e9
+    row_s = sum(r.get("row_seconds", 0.0) for r in results)
     cmd = "python benchmarks/qwenimage.py" + ("" if a.layers == 1 else f" --layers {a.layers}") + \
         ("" if a.resolution == 128 else f" --resolution {a.resolution}") + ("" if a.steps == 2 else f" --steps {a.steps}")
     lines = [
         "# Qwen-Image: parameters, memory per method, CPU step cost", "",
-        f"Command: `{cmd}` ({datetime.date.today().isoformat()}; {cpu}, 2 threads, a machine shared with other "
+        f"Command: `{cmd}` (last run {datetime.date.today().isoformat()}; {cpu}, a machine shared with other "
         f"jobs; torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
-        f"{transformers.__version__}; {seconds / 60:.1f} min in all).", "",
+        f"{transformers.__version__}; the CPU rows took {row_s / 60:.1f} min in all, one process each). Each row "
+        "was measured on the date and with the torch threads it gives (`--rows` reruns some; "
+        "qwenimage_rows.json keeps the rest).", "",
         "## Parameters (meta device, the released architecture)", "",
         "| network | parameters | published |", "|---|---|---|",
         f"| QwenImageTransformer2DModel ({c['transformer_blocks']} blocks, {c['transformer_block'] / B:.3f} B each) "
@@ -230,11 +260,13 @@ def write_report(path: Path, c: dict, results: list[dict], a, seconds: float) ->
             f"The transformer keeps {a.layers} of its 60 blocks ({r0['transformer_params'] / B:.2f} B parameters, "
             f"{100 * frac:.1f} % of {c['transformer'] / B:.1f} B: 60 blocks cannot be trained in this machine's "
             "24 GiB, as the table above shows); widths, the VAE and the prompt embeddings are the real ones. "
-            f"Peak = the process's peak resident memory; s/step = median of {a.steps} steps after a warm-up.", "",
-            "| row | trainable parameters | s/step | peak resident memory |", "|---|---|---|---|",
+            "Peak = the process's peak resident memory; s/step = median of the timed steps after a warm-up "
+            "(one generator and one fake-score update per step for DMD2 and DisBack).", "",
+            "| row | trainable parameters | s/step | peak resident memory | threads | timed steps | measured |",
+            "|---|---|---|---|---|---|---|",
         ]
         lines += [f"| {r['label']} | {r['trainable_params'] / 1e6:.1f} M | {r['s_per_step']:.1f} | "
-                  f"{r['peak_rss_gib']:.1f} GiB |" for r in results]
+                  f"{r['peak_rss_gib']:.1f} GiB | {r['threads']} | {r['steps']} | {r['date']} |" for r in results]
     path.write_text("\n".join(lines) + "\n")
     print(f"written {path}")
 

@@ -4,7 +4,7 @@ dynamic shift and its σ grid, true CFG with the norm rescaling), LCD against an
 reference, direct distillation against the vanilla pipeline's own K-step sampler, every method's recorded
 losses, exports that vanilla QwenImagePipeline samples like `fewstep sample`, LoRA files in diffusers'
 and DiffSynth-Studio's layouts (read back through diffusers' Qwen converter), resume, and training from a
-`fewstep cache` without the text encoder."""
+`fewstep cache` without the text encoder, and (with training/memory.py) the --dry_run memory plan."""
 
 import csv
 from pathlib import Path
@@ -334,6 +334,8 @@ EXPORTS = {
     "lcm-lora": dict(method="lcm", lora_rank=4),
     "dmd2-one-step-t399": dict(method="dmd2", dfake_gen_update_ratio=1, conditioning_timestep=399),
     "dmd2-2-step": dict(method="dmd2", dfake_gen_update_ratio=1, num_denoising_step=2),
+    "disback": dict(method="disback", dfake_gen_update_ratio=1, degradation_steps=1, degradation_interval=1,
+                    interval=1),
     "direct": dict(method="direct"),
     "direct-lora": dict(method="direct", lora_rank=4),
 }
@@ -457,3 +459,41 @@ def test_training_from_a_cache_loads_no_text_encoder(qwen, caption_folder, tmp_p
     assert tr.bundle.parts["text_encoder"] is None
     assert not any(isinstance(m, torch.nn.Conv3d) for m in tr.bundle.vae.encoder.modules())
     assert cached == pytest.approx(on_the_fly, rel=1e-5)
+
+
+def test_dry_run_reports_every_network_of_a_qwen_image_run(qwen, caption_folder, tmp_path, capsys):
+    """--dry_run's memory plan (training/memory.py) on Qwen-Image: LCD holds student, EMA target, teacher
+    (bf16 with --cast_teacher_unet), VAE and the Qwen2.5-VL encoder, counted exactly as the loaded modules;
+    from a cache no text encoder; LoRA trains r · (in + out) per adapted layer of DiffSynth's 12 modules."""
+    from fewstep.models.bundle import load_bundle
+
+    # (training/memory.py is the FLUX half of issue 19, on another branch: this runs once both are merged)
+    plan = pytest.importorskip("fewstep.training.memory", reason="--dry_run's memory plan is not here yet").plan
+
+    b = load_bundle(str(qwen))
+    n_tr = sum(p.numel() for p in b.denoiser.parameters())
+    sizes = {k: sum(p.numel() for p in b.parts[k].parameters()) for k in ("vae", "text_encoder")}
+    args = run_args(qwen, caption_folder, tmp_path / "o", mixed_precision="bf16", cast_teacher_unet=True)
+    assert main(["distill", *args, "--dry_run"]) == 0
+    printed = capsys.readouterr().out
+    assert "memory the run holds" in printed and "dry run OK" in printed
+    p = plan(parse_run(args))
+    held = {h.name: h for h in p.networks}
+    assert set(held) == {"student", "target", "teacher", "vae", "text_encoder"}
+    assert held["student"].params == held["target"].params == held["teacher"].params == n_tr
+    assert held["student"].bytes == 4 * n_tr and held["teacher"].bytes == 2 * n_tr  # fp32 trained, bf16 frozen
+    assert p.trainable == n_tr and p.grad_bytes == 4 * n_tr and p.optimizer_bytes == 8 * n_tr
+    assert all(held[k].params == v for k, v in sizes.items())
+
+    lora = plan(parse_run(run_args(qwen, caption_folder, tmp_path / "o", lora_rank=4)))
+    adapted = [m for n, m in b.denoiser.named_modules() if isinstance(m, torch.nn.Linear)
+               and any(n == t or n.endswith("." + t) for t in b.lora_targets)]
+    assert len(adapted) == 12 * len(b.denoiser.transformer_blocks)
+    assert lora.trainable == sum(4 * (m.in_features + m.out_features) for m in adapted)
+
+    cache = tmp_path / "cache"
+    assert main(["cache", *run_args(qwen, caption_folder, cache)]) == 0
+    args = run_args(qwen, caption_folder, tmp_path / "o2", method="dmd2", fake_score_lora_rank=4)
+    i = args.index("--train_data_dir")
+    args[i:i + 2] = ["--cache_dir", str(cache)]
+    assert "text_encoder" not in [h.name for h in plan(parse_run(args)).networks]

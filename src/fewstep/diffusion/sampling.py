@@ -144,7 +144,8 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
     they are drawn from one CPU generator per seed.
 
     A denoiser that embeds the guidance scale (LCD students, guidance-distilled transformers) receives
-    it and runs no CFG batch; otherwise CFG runs when guidance_scale > 1.
+    it (as :meth:`~fewstep.models.base.ModelBundle.guidance_input` says) and runs no CFG batch; otherwise
+    CFG runs when guidance_scale > 1.
     """
     device = bundle.device
     dtype = next(net.parameters()).dtype
@@ -152,7 +153,7 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
     cond = bundle.encode_text(prompts, size=(height, width))
     embeds = bundle.embeds_guidance(net)
     uncond = None if embeds or guidance_scale <= 1.0 else bundle.uncond(n, size=(height, width))
-    w = torch.full((n,), guidance_scale - 1.0, device=device) if embeds else None
+    w = torch.full((n,), bundle.guidance_input(guidance_scale), device=device) if embeds else None
     shape = (1, *bundle.latent_shape(height, width))
     # One generator per image, as the pipeline does with a list of generators.
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -164,13 +165,17 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
         latents = noise.to(device, dtype)
     inner = guided_denoiser(bundle, net, cond, uncond, guidance_scale, w)
 
+    # The scheduler steps in the pipeline's latent layout (FLUX: packed tokens), so that noise a step
+    # draws lands where the pipeline's does; the denoiser sees (B, C, h, w) as everywhere else.
     def denoise(z, t):
-        return inner(z, t).to(dtype)
+        return bundle.pipeline_latents(inner(bundle.model_latents(z, height, width), t).to(dtype))
 
-    kw = bundle.timestep_kwargs(height, width, timesteps)
+    kw = bundle.timestep_kwargs(height, width, timesteps, num_inference_steps=num_inference_steps,
+                                scheduler=scheduler)
     step_gen = (gens if len(gens) > 1 else gens[0]) if bundle.step_generator else None
-    states = unroll(denoise, scheduler, latents, num_inference_steps, generator=step_gen, timestep_kwargs=kw)
-    return states[-1]
+    states = unroll(denoise, scheduler, bundle.pipeline_latents(latents), num_inference_steps, generator=step_gen,
+                    timestep_kwargs=kw)
+    return bundle.model_latents(states[-1], height, width)
 
 
 def sample_images(bundle, net, scheduler, prompts, seeds, num_inference_steps, guidance_scale, height, width,

@@ -7,7 +7,9 @@ cfg_scale``, optionally ``latents``). Per row the initial noise x_T is regenerat
 (seed, rand_device); the teacher's endpoint x̂ is the saved latents, or the VAE posterior mean of the
 image. The student runs the deterministic scheduler vanilla diffusers runs for it (DDIM with
 "trailing" spacing for ε/v teachers, flow-matching Euler for flow teachers) for K steps at the row's
-guidance scale w (CFG only when w > 1), every step differentiable:
+guidance scale w (CFG only when w > 1; a guidance-distilled transformer such as FLUX.1-dev takes w as
+its own guidance input, as its pipeline passes ``guidance_scale``, and runs no CFG batch), every step
+differentiable, on the grid the family's pipeline samples K steps on:
 
     z_0 = x_T,   z_{k+1} = step(z_k, D_θ(z_k, t_k, c, w), t_k),   k = 0 … K−1
 
@@ -199,9 +201,13 @@ class Direct(Method):
 
     def denoiser(self, net, captions: list[str], w: float):
         """D(z, t): the student's (guided) output, as the pipeline computes it (CFG over one uncond ‖
-        cond batch when w > 1)."""
+        cond batch when w > 1; a guidance-distilled student takes w as its guidance input instead)."""
         res = self.cfg.resolution
         cond = self.bundle.encode_text(captions, size=(res, res))
+        if self.bundle.guidance_embedding == "native" and self.bundle.embeds_guidance(net):
+            # a guidance-distilled student takes w as its own input, as its pipeline passes it: no CFG batch
+            g = torch.full((len(captions),), self.bundle.guidance_input(w), device=self.accelerator.device)
+            return guided_denoiser(self.bundle, net, cond, None, w, g)
         uncond = self.bundle.uncond(len(captions), size=(res, res)) if w > 1.0 else None
         return guided_denoiser(self.bundle, net, cond, uncond, w)
 
@@ -224,8 +230,10 @@ class Direct(Method):
                               f"{shape}: train at the resolution the data was generated at")
         denoise = self.denoiser(self.student, list(batch["caption"]), w)
         with self.accelerator.autocast():
+            # the grid the family's pipeline samples K steps on (FLUX: its own sigmas, not the scheduler's)
             states = unroll(denoise, self.sched, x_T, K, self.checkpoint,
-                            timestep_kwargs=self.bundle.timestep_kwargs(res, res))
+                            timestep_kwargs=self.bundle.timestep_kwargs(res, res, num_inference_steps=K,
+                                                                        scheduler=self.sched))
         z_K = states[-1].float()
         final = F.mse_loss(z_K, x_hat)
         logs = {"loss_final": final.detach()}

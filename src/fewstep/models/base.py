@@ -372,6 +372,27 @@ class ModelBundle:
         """Whether ``net`` takes the guidance scale as an input (so samplers run no CFG batch for it)."""
         return False
 
+    def guidance_input(self, scale):
+        """The ``w`` :meth:`denoise` takes for CFG scale ``scale`` (a number or a per-sample tensor) in a
+        denoiser that embeds guidance: LCM's weight w = s − 1 for a new embedding (``"new"``); families
+        whose architecture takes the scale itself (``"native"``) return ``scale``."""
+        return scale - 1.0
+
+    def guidance_call_kwargs(self, guidance_scale) -> dict:
+        """Pipeline-call arguments (besides ``guidance_scale``) that make the family's pipeline apply
+        guidance as fewstep's sampler does, for model cards; {} where ``guidance_scale`` alone does."""
+        return {}
+
+    # The layout the family's pipeline keeps its latents (and steps its scheduler) in; samplers that draw
+    # noise per step must draw it in that layout to equal the pipeline (FLUX packs 2×2 patches).
+    def pipeline_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents in the pipeline's layout."""
+        return z
+
+    def model_latents(self, z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The inverse of :meth:`pipeline_latents` for an image of ``height`` × ``width`` pixels."""
+        return z
+
     @staticmethod
     def _cast_dtype(net, z: torch.Tensor) -> torch.dtype:
         """The dtype to feed ``net``: its weights' dtype, or the input's own under autocast (which casts
@@ -404,16 +425,26 @@ class ModelBundle:
         mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
         return schedule_from_config(self.scheduler_config, mu=mu).to(self.device) if mu is not None else self.schedule
 
-    def timestep_kwargs(self, height: int, width: int, timesteps: list | None = None) -> dict:
+    def default_sigmas(self, num_inference_steps: int, scheduler=None) -> list[float] | None:
+        """The sigmas the family's pipeline hands ``scheduler.set_timesteps`` when the caller gives none
+        (FLUX: ``linspace(1, 1/N, N)``), or None where the pipeline lets the scheduler make its own grid."""
+        return None
+
+    def timestep_kwargs(self, height: int, width: int, timesteps: list | None = None,
+                        num_inference_steps: int | None = None, scheduler=None) -> dict:
         """``set_timesteps`` / pipeline-call arguments for sampling at this size: the resolution-dependent
         ``mu`` where the scheduler shifts by resolution, and explicit timesteps in the form the scheduler
         takes (DDPM tables: ``timesteps``; flow schedulers: ``sigmas``, which they shift themselves,
-        so the unshifted values are given)."""
+        so the unshifted values are given). Without explicit timesteps, ``num_inference_steps`` and
+        ``scheduler`` give the grid the family's pipeline would pass (:meth:`default_sigmas`)."""
         kw: dict = {}
         mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
         if mu is not None:
             kw["mu"] = mu
         if timesteps is None:
+            sigmas = self.default_sigmas(num_inference_steps, scheduler) if num_inference_steps else None
+            if sigmas is not None:
+                kw["sigmas"] = sigmas
             return kw
         if self.schedule.kind != "flow":
             return {**kw, "timesteps": [int(t) for t in timesteps]}

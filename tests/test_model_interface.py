@@ -44,7 +44,7 @@ def test_every_family_implements_the_interface():
         assert cls.lora_targets
 
 
-@pytest.mark.parametrize("builder", ["build_tiny_sd", "build_tiny_sdxl", "build_tiny_sd3"])
+@pytest.mark.parametrize("builder", ["build_tiny_sd", "build_tiny_sdxl", "build_tiny_sd3", "build_tiny_flux"])
 def test_factory_picks_the_family_from_model_index(builder, tmp_path):
     from fewstep import testing
 
@@ -54,7 +54,7 @@ def test_factory_picks_the_family_from_model_index(builder, tmp_path):
     assert cls.pipeline_class == index["_class_name"]
     light = load_bundle(str(root), weights=False)  # configs only, as --dry_run reads them
     assert type(light) is cls and light.default_resolution == 32
-    assert light.latent_shape(32, 32) == (4, 8, 8)
+    assert light.latent_shape(32, 32) == ({"build_tiny_flux": 16}.get(builder, 4), 8, 8)
     assert cls.family in light.describe()
 
 

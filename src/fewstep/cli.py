@@ -68,6 +68,9 @@ def dry_run(spec) -> int:
     light = spec.method_cls.preflight(cfg, spec.method)  # the teacher's configs, checked against the settings
     if light is not None:
         print(f"teacher: {light.describe()}")
+    from .training.memory import report
+
+    print(report(spec))  # every network the method will hold, built on the meta device
     import torch
 
     from .training.speed import check_compile

@@ -204,6 +204,35 @@ class ModelBundle:
         for m in self.modules().values():
             m.requires_grad_(False).eval()
 
+    def to_meta(self, text_encoders: bool = True) -> ModelBundle:
+        """Every network part of the folder (``model_index.json``'s diffusers and transformers models) as a
+        module of its architecture on the meta device: shapes and dtypes without storage, for counting
+        what a run holds (--dry_run). ``text_encoders=False``: none, as when training from a cache. Configs
+        already held (a --pretrained_vae_model's) are used. (Built under ``torch.device("meta")``, not
+        accelerate's ``init_empty_weights``, whose re-registered parameters would untie tied embeddings.)"""
+        import importlib
+        import json
+
+        index = json.loads((Path(self.root) / "model_index.json").read_text())
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list) or spec[0] not in ("diffusers", "transformers"):
+                continue
+            cls = getattr(importlib.import_module(spec[0]), spec[1], None)
+            if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+                continue  # tokenizers, schedulers
+            if name in self.text_parts and not text_encoders:
+                self.parts[name] = None
+                continue
+            held = self.parts.get(name)
+            with torch.device("meta"):
+                if spec[0] == "diffusers":
+                    cfg = held if isinstance(held, dict) else cls.load_config(self.root, subfolder=name)
+                    module = cls.from_config(cfg)
+                else:
+                    module = cls(cls.config_class.from_pretrained(self.root, subfolder=name))
+            self.parts[name] = module.requires_grad_(False).eval()
+        return self
+
     def part_dtype(self, name: str, dtype: torch.dtype | None) -> torch.dtype | None:
         """The dtype a frozen part is held in under the run's ``dtype`` (a family may keep one in fp32)."""
         return dtype
@@ -423,7 +452,11 @@ class ModelBundle:
     def schedule_for(self, height: int, width: int) -> Schedule:
         """The schedule a method trains with at this image size (the timestep shift may depend on it)."""
         mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
-        return schedule_from_config(self.scheduler_config, mu=mu).to(self.device) if mu is not None else self.schedule
+        if mu is None:
+            return self.schedule
+        sched = schedule_from_config(self.scheduler_config, mu=mu)
+        # (a bundle of configs only, as --dry_run and model cards read it, has no device)
+        return sched.to(self.device) if isinstance(self.parts.get("vae"), torch.nn.Module) else sched
 
     def default_sigmas(self, num_inference_steps: int, scheduler=None) -> list[float] | None:
         """The sigmas the family's pipeline hands ``scheduler.set_timesteps`` when the caller gives none

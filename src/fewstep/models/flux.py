@@ -231,7 +231,8 @@ class FluxBundle(ModelBundle):
                   pooled_projections=cond["pooled_projections"].to(dtype), encoder_hidden_states=txt.to(dtype),
                   txt_ids=torch.zeros(txt.shape[1], 3, device=z.device, dtype=dtype),
                   img_ids=image_ids(h, wd, z.device, dtype), return_dict=False)[0]
-        return self._output(unpack(out, h, wd))
+        # (a discriminator head reading this forward's features returns its logits in the output's place)
+        return self._output(unpack(out, h, wd) if out.ndim == 3 else out)
 
     def new_denoiser(self, guidance_dim: int | None = None):
         from diffusers import FluxTransformer2DModel

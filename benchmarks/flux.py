@@ -11,7 +11,7 @@ family (computed at bf16), and measured seconds per step and peak memory of ever
    --cast_teacher_unet``, with AdamW. Whether one 80 GB GPU holds it under DDP, or how FSDP must shard it.
 3. CPU: the real trainer steps on a FLUX.1-dev transformer with FLUX.1's widths but 2 of its 57 blocks (one
    double-stream, one single-stream; 0.55 B of 11.9 B parameters) so that every method fits in this
-   machine's memory, at 64 px with a 128-token text sequence, text embeddings from a cache (random, no
+   machine's memory, at 64 px with a 32-token text sequence, text embeddings from a cache (random, no
    T5/CLIP in memory) and the VAE held. Each method runs in its own process: peak resident memory is that
    process's, next to what ``plan`` predicts for the same configuration.
 """
@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 GIB = 2**30
 # The CPU configuration: FLUX.1's widths, 1 + 1 of its 19 + 38 blocks.
-CPU_LAYERS, CPU_SINGLE, CPU_RES, CPU_TOKENS, CPU_STEPS = 1, 1, 64, 128, 3
+CPU_LAYERS, CPU_SINGLE, CPU_RES, CPU_TOKENS, CPU_STEPS = 1, 1, 64, 32, 2
 
 
 # ---- config-only folders (no weights: what --dry_run reads) ---------------------------------------------
@@ -216,7 +215,12 @@ CPU_METHODS = {
 
 
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory (VmHWM: unlike getrusage's maxrss, not inherited from the parent
+    across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _available() -> int:
@@ -263,7 +267,7 @@ def child(label: str, work: Path) -> dict:
     """One method's steps in this process (run by the parent in a fresh process per method)."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the machine is shared: one thread, no OpenMP spinning
     base = _peak()
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
@@ -286,7 +290,7 @@ def child(label: str, work: Path) -> dict:
                     "vae": AutoencoderKL.from_config(bundle.parts["vae"]), "text_encoder": None,
                     "text_encoder_2": None}
     bundle.freeze()
-    # text from a cache: the T5 sequence (128 × 4096) and CLIP's pooled output (768) per prompt
+    # text from a cache: the T5 sequence (CPU_TOKENS × 4096) and CLIP's pooled output (768) per prompt
     g = torch.Generator().manual_seed(0)
     prompts = ["", *[f"a handwritten digit {w}" for w in DIGIT_WORDS]]
     bundle.text_cache = {p: {"encoder_hidden_states": torch.randn(1, CPU_TOKENS, 4096, generator=g),
@@ -375,7 +379,7 @@ def markdown(result: dict) -> str:
                 "`--mixed_precision bf16 --cast_teacher_unet`, text embeddings from a cache (T5 and CLIP not held), "
                 "the VAE held. One process per method; peak resident memory includes Python, torch and the VAE; "
                 f"'planned' is `plan` for the same run. Seconds per step: the last {CPU_STEPS} optimizer steps "
-                "(DMD2/DisBack alternate generator and fake-score steps), on 2 CPU threads of a machine shared "
+                "(DMD2/DisBack alternate generator and fake-score steps), on 1 CPU thread of a machine shared "
                 "with other jobs.\n",
                 "| method | s/step (each) | peak RSS GiB | RSS after models built GiB | planned GiB |",
                 "|---|---|---:|---:|---:|"]

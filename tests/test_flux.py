@@ -220,6 +220,32 @@ def schnell_rows(schnell, tmp_path_factory) -> Path:
     return out
 
 
+def test_generate_writes_diffsynth_rows_from_a_flux_teacher(dev, dev_rows):
+    """`fewstep generate` on FLUX.1-dev: DiffSynth's columns with the student's steps and guidance, and
+    each row's (seed, rand_device) regenerate the teacher's image: vanilla FluxPipeline at the teacher's
+    steps and guidance scale, seeded so, lands on the saved latents and the PNG."""
+    import csv
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from fewstep.models.flux import unpack
+
+    with (dev_rows / "metadata.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["image", "prompt", "seed", "rand_device", "num_inference_steps", "cfg_scale", "latents"]
+    assert [(r["prompt"], r["seed"], r["rand_device"], r["num_inference_steps"], r["cfg_scale"]) for r in rows] == [
+        (PROMPT, "3", "cpu", "2", "3.5"), (PROMPT, "4", "cpu", "2", "3.5"),
+        ("a photo of a cat", "5", "cpu", "2", "3.5"), ("a photo of a cat", "6", "cpu", "2", "3.5")]
+    pipe, r = _pipe(dev), rows[2]
+    kw = dict(num_inference_steps=4, guidance_scale=3.5, height=32, width=32)
+    lat = pipe(r["prompt"], output_type="latent", generator=torch.Generator("cpu").manual_seed(5), **kw).images
+    assert (unpack(lat, 8, 8)[0] - load_file(str(dev_rows / r["latents"]))["latents"]).abs().max() < 1e-5
+    img = pipe(r["prompt"], output_type="np", generator=torch.Generator("cpu").manual_seed(5), **kw).images[0]
+    png = np.asarray(Image.open(dev_rows / r["image"])).astype(np.float32) / 255
+    assert img.std() > 0.05 and np.abs(png - img).max() <= 1 / 255 + 1e-6
+
+
 @pytest.mark.parametrize("case,variant", VARIANT_CASES)
 def test_every_method_trains_on_flux(case, variant, dev, schnell, caption_folder, dev_rows, schnell_rows, tmp_path):
     teacher = dev if variant == "dev" else schnell
@@ -306,7 +332,13 @@ EXPORTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(EXPORTS))
+# LCD, one-step DMD2 and full direct in the default tier; the LoRA exports (also checked by the LoRA test
+# below), two-step DMD2 on schnell and schnell's CFG student are slower (run with -m slow).
+SLOW_EXPORTS = {"lcm-lora-dev", "dmd2-2-step-schnell", "direct-lora-schnell-cfg"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_EXPORTS else c
+                                  for c in EXPORTS])
 def test_exports_sample_in_vanilla_flux_pipeline_like_fewstep_sample(case, dev, schnell, caption_folder, dev_rows,
                                                                      schnell_rows, tmp_path):
     variant, kw = EXPORTS[case]
@@ -515,6 +547,7 @@ def test_dry_run_reports_every_network_of_a_flux_run(dev, caption_folder, tmp_pa
     assert shared.new_params == 0 and shared.shared_with == ["guidance"]
 
 
+@pytest.mark.slow  # ~30 s: three runs; resume itself is family-independent and in the default tier elsewhere
 def test_resume_on_flux_is_exact(dev, caption_folder, tmp_path):
     """LCD on FLUX.1-dev: 2 steps, then a resumed run to 4, equals 4 steps straight (student, EMA target)."""
     from safetensors.torch import load_file

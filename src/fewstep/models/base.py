@@ -60,7 +60,9 @@ def check_teacher_path(path: str, revision: str | None = None) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.txt", "*.safetensors",
+            # weights in the part folders only: FLUX.1 / SD3 / SD1.5 repositories also hold single-file
+            # checkpoints at their root (23.8 GB for FLUX.1-dev) that the diffusers layout does not use
+            return snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.txt", "*/*.safetensors",
                                                                               "*.model"])
         except Exception as e:  # offline, private, or missing repo
             raise ConfigError(

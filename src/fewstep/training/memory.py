@@ -64,6 +64,24 @@ class _MetaAccelerator:
         return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _meta_buffers():
+    """Buffers of new modules on the meta device too (accelerate's ``include_buffers=True`` would also put
+    every plain tensor a constructor makes there, where a method reads values back)."""
+    register = torch.nn.Module.register_buffer
+
+    def on_meta(module, name, tensor, persistent=True):
+        register(module, name, tensor, persistent)
+        if tensor is not None:
+            module._buffers[name] = module._buffers[name].to("meta")
+
+    torch.nn.Module.register_buffer = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_buffer = register
+
+
 def plan(spec, text_encoders: bool | None = None) -> Plan | None:
     """The networks ``spec``'s method holds, built on the meta device; None for methods without a teacher
     (their networks come from a preset at run time). ``text_encoders``: whether the run holds them
@@ -78,7 +96,7 @@ def plan(spec, text_encoders: bool | None = None) -> Plan | None:
     bundle = load_bundle(cfg.pretrained_teacher_model, revision=cfg.teacher_revision,
                          vae_path=cfg.pretrained_vae_model_name_or_path, weights=False)
     bundle.to_meta(text_encoders=not cfg.cache_dir if text_encoders is None else text_encoders)
-    with init_empty_weights():  # every module the method creates gets meta parameters
+    with init_empty_weights(), _meta_buffers():  # every module the method creates is on the meta device
         method = cls(cfg, mcfg, bundle, _MetaAccelerator())
         groups = method.groups()
     trainable = {id(p): p for g in groups.values()

@@ -287,6 +287,24 @@ def test_gan_head_reads_flux_middle_block(dev, caption_folder, tmp_path):
     assert fake._feat is None  # a plain forward keeps no features
 
 
+def test_dmd2_gan_under_mixed_precision_matches_fp32(dev, caption_folder, tmp_path):
+    """DMD2 with the GAN head and a LoRA fake score at --mixed_precision bf16 (accelerate converts the
+    fake score's outputs to fp32, rebuilding the head's logits tuple): the generator and fake-score steps
+    run, every logged value within bf16 rounding of the fp32 run's."""
+    kw = dict(method="dmd2", fake_score_lora_rank=4, dfake_gen_update_ratio=1, gen_cls_loss_weight=5e-3,
+              guidance_cls_loss_weight=1e-2, real_guidance_scale=3.5)
+    logs = {}
+    for mp in ("no", "bf16"):
+        tr = trainer(dev, caption_folder, tmp_path / mp, mixed_precision=mp, **kw)
+        tr.start()
+        logs[mp] = [tr.step() for _ in range(2)]
+    assert "gen_cls_loss" in logs["bf16"][0] and "guidance_cls_loss" in logs["bf16"][1]
+    for a, b in zip(logs["no"], logs["bf16"]):
+        assert set(a) == set(b)
+        for k in a:
+            assert np.isfinite(b[k]) and b[k] == pytest.approx(a[k], rel=5e-2, abs=1e-4), k
+
+
 # ---- exports in vanilla FluxPipeline ------------------------------------------------------------------
 def _vanilla_vs_sample(out: Path, teacher: Path, lora: bool, tmp_path: Path, seed: int = 3) -> float:
     """Max |vanilla FluxPipeline − `fewstep sample`| per pixel at the folder's recommended steps, guidance,

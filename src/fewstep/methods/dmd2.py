@@ -202,14 +202,13 @@ class FakeScore(torch.nn.Module):
         out = self.unet(*args, **kwargs)
         if not self._classify:
             return out
-        return _Logits(self.cls_head(self._feat))
+        return _Logits((self.cls_head(self._feat),))
 
 
 class _Logits(tuple):
-    """The head's output where the bundle expects the denoiser's output (``.sample``, or ``[0]``)."""
-
-    def __new__(cls, value):
-        return super().__new__(cls, (value,))
+    """The head's output where the bundle expects the denoiser's output (``.sample``, or ``[0]``): built
+    as ``_Logits((logits,))``, a plain tuple's constructor, because under mixed precision accelerate's
+    fp32 output conversion rebuilds it as ``type(out)(converted elements)``."""
 
     @property
     def sample(self):

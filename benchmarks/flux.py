@@ -334,18 +334,31 @@ def cpu(work: Path, budget: float) -> list[dict]:
                                                      f"{free / GIB:.1f} GiB available"})
             continue
         res = work / f"{len(rows)}.json"
-        t0 = time.time()
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--child", label, "--work", str(work), "--result",
-                                   str(res)], capture_output=True, text=True, timeout=left)
-        except subprocess.TimeoutExpired:
+        killed = []
+        for _attempt in range(2):  # once more if the kernel killed it (other jobs' memory), time allowing
+            t0 = time.time()
+            left = budget - (t0 - t_start)
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--child", label, "--work", str(work), "--result",
+                                       str(res)], capture_output=True, text=True, timeout=max(left, 1))
+            except subprocess.TimeoutExpired:
+                proc = None
+                break
+            if proc.returncode >= 0 or left - (time.time() - t0) < 60:
+                break
+            killed.append(-proc.returncode)
+        if proc is None:
             rows.append({"method": label, "skipped": f"stopped after {left:.0f} s: the time budget was spent"})
             continue
         if proc.returncode:
-            rows.append({"method": label, "failed": proc.stderr[-2000:]})
+            why = (f"killed by signal {-proc.returncode} (SIGKILL: the kernel's out-of-memory killer on a machine "
+                   "shared with other jobs)" if proc.returncode == -9 else proc.stderr[-2000:])
+            rows.append({"method": label, "failed": why})
             continue
         row = json.loads(res.read_text())
         row["process_seconds"] = time.time() - t0
+        if killed:
+            row["killed_before"] = killed  # the first attempt was killed by that signal; this is the retry
         rows.append(row)
         print(f"{label}: {row['timed_steps']} s/step, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
     return rows
@@ -398,7 +411,8 @@ def markdown(result: dict) -> str:
             if "skipped" in r or "failed" in r:
                 out.append(f"| {r['method']} | {r.get('skipped') or 'failed: ' + (r['failed'].strip().splitlines() or ['?'])[-1]} | | | |")
                 continue
-            out.append(f"| {r['method']} | {', '.join(f'{t:.1f}' for t in r['timed_steps'])} | "
+            again = " (retried: the first run was killed)" if r.get("killed_before") else ""
+            out.append(f"| {r['method']}{again} | {', '.join(f'{t:.1f}' for t in r['timed_steps'])} | "
                        f"{r['peak_rss_gib']:.2f} | {r['after_models_rss_gib']:.2f} | {r['planned_gib']:.2f} |")
         out.append("")
     return "\n".join(out)

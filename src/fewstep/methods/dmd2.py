@@ -16,6 +16,13 @@ Two time scales as one phase schedule: per DMD2 iteration the reference updates 
 group, so the flattened sequence is a cycle of r + 1 steps: G at position 0, the fake score at 1..r
 (r fake-score updates per generator update, in the reference's order).
 
+Learning-rate schedules follow the reference's iteration clock: DMD2 steps both groups' schedulers
+once per iteration, whichever networks it updated, so here both advance one tick on every fake-score
+step (each ends an iteration) and none on a generator step (:func:`iteration_of`); a schedule's length
+is the run's number of iterations. The reference's schedulers, prepared by accelerate, step once per
+process each iteration (its warmup lasts ``warmup_step`` / number of GPUs iterations, as its comment
+says); here the warmup lasts ``--lr_warmup_steps`` iterations whatever the number of processes.
+
 Memory-lean option: ``--fake_score_lora_rank`` makes the fake score a LoRA over the frozen teacher's
 own weights; the real score is the same UNet with adapters disabled, so only two UNets sit in memory
 (teacher + generator) instead of three.
@@ -51,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, micro_conditioning, refuse_changed, teacher_uses
 from ..diffusion.guidance import cfg as cfg_combine
 from ..diffusion.noise import batch_noise
 from ..diffusion.sampling import make_scheduler, sample_images
@@ -86,6 +93,15 @@ def phase_of(step: int, ratio: int) -> str:
     return "generator" if step % (ratio + 1) == 0 else "guidance"
 
 
+def iteration_of(step: int, ratio: int) -> int:
+    """The reference iteration an optimizer step of the cycle belongs to. DMD2's iteration i updates G
+    when i % ratio == 0, then the fake score once; the cycle of ratio + 1 steps is ratio iterations: the
+    G step at position 0 and the first fake-score step share iteration c·ratio, position p ≥ 1 is
+    iteration c·ratio + p − 1."""
+    c, p = divmod(step, ratio + 1)
+    return c * ratio + max(p - 1, 0)
+
+
 def training_timesteps(num_train_timesteps: int, num_denoising_step: int, conditioning_timestep: int):
     """The generator's levels, largest first. One step: [conditioning_timestep]. K steps: the grid
     N−1, N−1−N/K, … (DMD2's ``range(N−1, 0, −N/K)``), which on a DDPM table is also what
@@ -113,16 +129,22 @@ class DMD2Config:
     fake_score_lora_rank: int | None = None  # fake score as a LoRA of this rank over the teacher's weights
     fake_score_lora_alpha: float | None = None  # its LoRA α (default: rank)
     fake_score_lora_target_modules: list[str] | None = None  # default: the family's LoRA targets
-    gen_cls_loss_weight: float = 0.0  # generator GAN loss softplus(−D(fake)) weight (DMD2: 5e-3)
-    guidance_cls_loss_weight: float = 0.0  # discriminator loss weight (DMD2: 1e-2); needs real images
-    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: alone, it sets the two weights above to DMD2's
+    gen_cls_loss_weight: float | None = None  # generator GAN loss softplus(−D(fake)) weight (default 0; DMD2: 5e-3)
+    guidance_cls_loss_weight: float | None = None  # discriminator loss weight (default 0; DMD2: 1e-2); needs real images
+    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: the two weights above default to DMD2's
     diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
     diffusion_gan_max_timestep: int = 1000
     regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
 
     def __post_init__(self):
-        if self.cls_on_clean_image and self.gen_cls_loss_weight == 0 and self.guidance_cls_loss_weight == 0:
-            self.gen_cls_loss_weight, self.guidance_cls_loss_weight = 5e-3, 1e-2  # DMD2's SD / SDXL values
+        # Each weight not given: DMD2's SDXL value under --cls_on_clean_image, else 0 (no GAN term); so the
+        # switch also completes a recipe that gives only one of them. With both given it changes nothing.
+        self._cls_switch_unused = (self.cls_on_clean_image and self.gen_cls_loss_weight is not None
+                                   and self.guidance_cls_loss_weight is not None)
+        if self.gen_cls_loss_weight is None:
+            self.gen_cls_loss_weight = 5e-3 if self.cls_on_clean_image else 0.0
+        if self.guidance_cls_loss_weight is None:
+            self.guidance_cls_loss_weight = 1e-2 if self.cls_on_clean_image else 0.0
 
     @property
     def gan(self) -> bool:
@@ -150,6 +172,63 @@ class DMD2Config:
             raise ConfigError("loss weights must be >= 0")
         if self.diffusion_gan_max_timestep < 1:
             raise ConfigError("--diffusion_gan_max_timestep must be >= 1")
+        # options that would change nothing with these settings
+        if getattr(self, "_cls_switch_unused", False):
+            raise ConfigError("--cls_on_clean_image has no effect with both --gen_cls_loss_weight and "
+                              "--guidance_cls_loss_weight given (they turn the GAN head on, with those weights): drop it")
+        if self.fake_score_lora_rank is None:
+            refuse_changed(self, ("fake_score_lora_alpha", "fake_score_lora_target_modules"), "without "
+                           "--fake_score_lora_rank (they configure the LoRA fake score): add --fake_score_lora_rank R, "
+                           "or drop them")
+        if self.dm_loss_weight == 0:
+            refuse_changed(self, ("real_guidance_scale", "fake_guidance_scale", "min_step_percent", "max_step_percent"),
+                           "with --dm_loss_weight 0 (they configure the distribution-matching loss): drop them")
+        if not self.gan:
+            refuse_changed(self, ("diffusion_gan", "diffusion_gan_max_timestep"), "without the GAN head: set "
+                           "--gen_cls_loss_weight / --guidance_cls_loss_weight (or --cls_on_clean_image), or drop them")
+        elif not self.diffusion_gan:
+            refuse_changed(self, ("diffusion_gan_max_timestep",), "with --diffusion_gan false: drop it")
+
+    def encodes_images(self, cfg) -> bool:
+        """Whether a step VAE-encodes data images: real latents for K-step inputs, the discriminator's
+        real images, regression targets (a one-step generator alone needs the captions only)."""
+        return not cfg.cache_dir and ((self.num_denoising_step > 1 and not self.backward_simulation)
+                                      or self.guidance_cls_loss_weight > 0 or self.regression_loss_weight > 0)
+
+    def validate_run(self, cfg):
+        if self.generator_lr is not None and self.guidance_lr is not None:
+            refuse_changed(cfg, ("learning_rate",), "with both --generator_lr and --guidance_lr given: drop it")
+        if self.fake_score_lora_rank is not None and cfg.cast_teacher_unet:
+            raise ConfigError("--cast_teacher_unet has no effect with --fake_score_lora_rank: the teacher's weights, "
+                              "the fake score's base, are always held in the mixed-precision dtype; drop it")
+        if self.guidance_cls_loss_weight == 0:
+            refuse_changed(cfg, ("use_fix_crop_and_size",), "for this DMD2 run: the generator is conditioned on the "
+                           "training resolution, only the discriminator's real images (--guidance_cls_loss_weight > "
+                           "0) carry their own size and crop; drop it")
+        if not self.encodes_images(cfg) and not cfg.cache_dir:
+            refuse_changed(cfg, ("vae_encode_batch_size",), "for this DMD2 run, which encodes no image (a one-step "
+                           "generator without the GAN's discriminator or the regression loss needs captions only)")
+        if not cfg.validation_steps:
+            refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["dfake_gen_update_ratio", "generator_lr", "guidance_lr", "num_denoising_step", "dm_loss_weight",
+                "fake_score_lora_rank", "gen_cls_loss_weight", "guidance_cls_loss_weight", "regression_loss_weight",
+                "proportion_empty_prompts"]  # (--cls_on_clean_image acts through the two weights)
+        keys += ["conditioning_timestep"] if self.num_denoising_step == 1 else ["backward_simulation"]
+        keys += (["real_guidance_scale", "fake_guidance_scale", "min_step_percent", "max_step_percent"]
+                 if self.dm_loss_weight > 0 else [])
+        keys += ["fake_score_lora_alpha", "fake_score_lora_target_modules"] if self.fake_score_lora_rank else []
+        keys += ["cast_teacher_unet"] if self.fake_score_lora_rank is None else []
+        keys += ["diffusion_gan"] if self.gan else []
+        keys += ["diffusion_gan_max_timestep"] if self.gan and self.diffusion_gan else []
+        keys += ["learning_rate"] if self.generator_lr is None or self.guidance_lr is None else []
+        keys += ["vae_encode_batch_size"] if self.encodes_images(cfg) else []
+        keys += ["validation_guidance_scale"] if cfg.validation_steps else []
+        if self.guidance_cls_loss_weight > 0 and micro_conditioning(bundle) is not False:
+            keys += ["use_fix_crop_and_size"]  # the discriminator's real images carry their size ids
+        return {**teacher_uses(cfg), **{k: getattr(self if hasattr(self, k) else cfg, k) for k in keys}}
 
 
 class ClassifierHead(torch.nn.Module):
@@ -219,6 +298,12 @@ class _Logits(tuple):
 class DMD2(Method):
     name = "dmd2"
     Config = DMD2Config
+    resume_keys = ("fake_score_lora_rank", "fake_score_lora_target_modules")
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg):
+        on = " (already on)" if mcfg.fake_score_lora_rank is not None else ""
+        return [f"--fake_score_lora_rank 64{on} (the fake score as a LoRA over the teacher: one UNet less)"]
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:
@@ -286,6 +371,13 @@ class DMD2(Method):
 
     def phase(self, step):
         return phase_of(step, self.mcfg.dfake_gen_update_ratio)
+
+    def schedule_ticks(self, phase, step):
+        # An iteration ends with its fake-score update: both schedules advance then (see the module doc).
+        return {} if phase == "generator" else {"generator": 1, "guidance": 1}
+
+    def schedule_length(self, group):
+        return iteration_of(self.cfg.max_train_steps - 1, self.mcfg.dfake_gen_update_ratio) + 1
 
     # ---- networks --------------------------------------------------------------------------
     def _guidance(self) -> FakeScore:
@@ -500,6 +592,11 @@ class DMD2(Method):
             return None
         return list(self.timesteps)
 
+    def trained_steps(self):
+        # LCMScheduler(original_inference_steps=K) runs n <= K steps on a subset of the K training timesteps
+        # (and raises for more); a one-step generator runs one step only.
+        return (1, self.mcfg.num_denoising_step)
+
     def sample(self, prompts, seeds, num_inference_steps, guidance_scale):
         res = self.cfg.resolution
         with self.accelerator.autocast():
@@ -517,16 +614,19 @@ class DMD2(Method):
         export_pipeline(self.bundle, self._gen(), self.scheduler(), out_dir,
                         vae_override=self.cfg.pretrained_vae_model_name_or_path)
         name = type(self.scheduler()).__name__
-        facts = {"scheduler": name, "num_inference_steps": K, "guidance_scale": 0.0,
-                 "guidance_note": f"Trained at timesteps {_rounded(self.timesteps)}; guidance is distilled in, "
-                                  "sample with guidance_scale 0 (no CFG batch)."}
+        grid = (f"Trained at timesteps {_rounded(self.timesteps)}"
+                + (f" (fewer steps sample the scheduler's own grid for that count; {name} "
+                   f"is not trained for more than {K})" if K > 1 else ""))
+        facts = {"scheduler": name, "num_inference_steps": K, "valid_steps": self.trained_steps(),
+                 "guidance_scale": 0.0,
+                 "guidance_note": grid + "; guidance is distilled in, sample with guidance_scale 0 (no CFG batch)."}
         if self.native:
             g = self.mcfg.real_guidance_scale
             facts["guidance_scale"] = g
-            facts["guidance_note"] = (f"Trained at timesteps {_rounded(self.timesteps)}. The generator keeps the "
-                                      f"transformer's guidance input and was trained with it at {g:g} (the "
-                                      f"teacher's guidance it reproduces): sample with guidance_scale {g:g}, "
-                                      "which the pipeline passes to that input (no CFG batch).")
+            facts["guidance_note"] = (f"{grid}. The generator keeps the transformer's guidance input and was "
+                                      f"trained with it at {g:g} (the teacher's guidance it reproduces): sample "
+                                      f"with guidance_scale {g:g}, which the pipeline passes to that input (no "
+                                      "CFG batch).")
         ts = self.sampling_timesteps(K)
         if ts:
             res = self.cfg.resolution

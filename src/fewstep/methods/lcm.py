@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, micro_conditioning, refuse_changed, teacher_uses
 from ..diffusion.guidance import cfg_prediction
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..diffusion.schedule import Prediction, pseudo_huber, skip_step_grid
@@ -94,18 +94,55 @@ class LCMConfig:
             # (otherwise they would be parsed and silently unused by the full-model run)
             raise ConfigError(f"--{', --'.join(given)} configure LoRA adapters: add --lora_rank R for LCM-LoRA, "
                               "or drop them for full-model LCD")
-        if self.num_ddim_timesteps < 1:
-            raise ConfigError("--num_ddim_timesteps must be >= 1")
-        if self.unet_time_cond_proj_dim < 2:
-            raise ConfigError("--unet_time_cond_proj_dim must be >= 2")
+        if self.num_ddim_timesteps < 1 or 1000 % self.num_ddim_timesteps:
+            raise ConfigError("--num_ddim_timesteps must divide the teacher's 1000 training timesteps "
+                              f"(50, 25, 100, ...), got {self.num_ddim_timesteps}")
+        if self.unet_time_cond_proj_dim < 4:  # the sinusoidal embedding needs two frequencies per half
+            raise ConfigError(f"--unet_time_cond_proj_dim must be >= 4 (typically 256), got {self.unet_time_cond_proj_dim}")
         if self.huber_c <= 0:
             raise ConfigError("--huber_c must be > 0")
+        if self.loss_type != "huber":
+            refuse_changed(self, ("huber_c",), "with --loss_type l2: add --loss_type huber, or drop it")
+        if self.lora:
+            refuse_changed(self, ("unet_time_cond_proj_dim",), "for LCM-LoRA, whose UNet has no guidance "
+                           "embedding (guidance is baked in): drop it, or drop the LoRA options for full-model LCD")
+
+    def validate_run(self, cfg):
+        if self.lora and cfg.cast_teacher_unet:
+            raise ConfigError("--cast_teacher_unet has no effect for LCM-LoRA: its frozen base (the teacher) is always "
+                              "held in the mixed-precision dtype; drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["w_min", "w_max", "num_ddim_timesteps", "loss_type", "timestep_scaling_factor", "ema_decay",
+                "is_lora", "lora_rank", "learning_rate", "proportion_empty_prompts", "validation_guidance_scale"]
+        keys += ["huber_c"] if self.loss_type == "huber" else []
+        if self.lora:
+            keys += ["lora_alpha", "lora_dropout", "lora_target_modules"]
+        elif bundle is None or bundle.guidance_embedding == "new":  # only where a w embedding can be added
+            keys += ["unet_time_cond_proj_dim"]
+        keys += ["cast_teacher_unet"] if not self.lora else []
+        keys += ["vae_encode_batch_size"] if not cfg.cache_dir else []
+        keys += ["use_fix_crop_and_size"] if micro_conditioning(bundle) is not False else []  # per-image size ids
+        return {**teacher_uses(cfg), **{k: getattr(self if hasattr(self, k) else cfg, k) for k in keys},
+                "lora": self.lora, "rank": self.rank if self.lora else None, "mu": self.mu}
 
 
 @register
 class LCM(Method):
     name = "lcm"
     Config = LCMConfig
+    resume_keys = ("is_lora", "lora_rank", "lora_target_modules", "unet_time_cond_proj_dim")
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg):
+        return [f"LoRA: --lora_rank 64{' (already on)' if mcfg.lora else ''} (train adapters only; one UNet in memory)"]
+
+    @classmethod
+    def check_setup(cls, cfg, mcfg, bundle) -> None:
+        if not mcfg.lora and bundle.guidance_embedding != "new":
+            refuse_changed(mcfg, ("unet_time_cond_proj_dim",), f"for a {bundle.pipeline_class} teacher, whose "
+                           "denoiser takes no added guidance embedding (guidance is baked in): drop it")
 
     def __init__(self, cfg, mcfg: LCMConfig, bundle, accelerator):
         super().__init__(cfg, mcfg, bundle, accelerator)
@@ -233,6 +270,11 @@ class LCM(Method):
             return 1.0 + (self.mcfg.w_min + self.mcfg.w_max) / 2
         return 8.0 if self.embeds_w else 1.0
 
+    def trained_steps(self):
+        # LCMScheduler(original_inference_steps=M) samples n <= M steps on the M-point skip-step grid, every
+        # point of which the consistency function is trained at.
+        return (1, self.mcfg.num_ddim_timesteps)
+
     def sample(self, prompts, seeds, num_inference_steps, guidance_scale):
         net = self.accelerator.unwrap_model(self.student)
         if guidance_scale is None:
@@ -258,11 +300,12 @@ class LCM(Method):
         if self.mcfg.lora:
             save_lora(net, out_dir, self.bundle, self.bundle.root)
             sched.save_pretrained(Path(out_dir) / "scheduler")
-            return {"scheduler": name, "num_inference_steps": 4, "guidance_scale": gs, "lora": True,
-                    "guidance_note": "LCM-LoRA: " + baked}
+            return {"scheduler": name, "num_inference_steps": 4, "valid_steps": self.trained_steps(),
+                    "guidance_scale": gs, "lora": True, "guidance_note": "LCM-LoRA: " + baked}
         export_pipeline(self.bundle, net, sched, out_dir, vae_override=self.cfg.pretrained_vae_model_name_or_path)
         note = ("The denoiser embeds the guidance scale (time_cond_proj_dim) and runs no CFG batch; it was trained "
                 f"on guidance_scale = w + 1 for w in [{self.mcfg.w_min}, {self.mcfg.w_max}]." if self.embeds_w
                 else baked[0].upper() + baked[1:] if self.native
                 else "This architecture takes no guidance input: " + baked)
-        return {"scheduler": name, "num_inference_steps": 4, "guidance_scale": gs, "guidance_note": note}
+        return {"scheduler": name, "num_inference_steps": 4, "valid_steps": self.trained_steps(), "guidance_scale": gs,
+                "guidance_note": note}

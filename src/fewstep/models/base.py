@@ -277,6 +277,12 @@ class ModelBundle:
         """The pixel size the teacher was configured for (its denoiser's latent sample size × VAE factor)."""
         return self.part_config(self.denoiser_name)["sample_size"] * self.vae_scale
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this: pixels per latent cell, times the denoiser's patch (a
+        patchifying transformer needs whole patches; any other size would be rounded down silently)."""
+        return self.vae_scale * int(self.part_config(self.denoiser_name).get("patch_size") or 1)
+
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """The shape of one sample's latents for an image of ``height`` × ``width`` pixels."""
         return (self.latent_channels, height // self.vae_scale, width // self.vae_scale)

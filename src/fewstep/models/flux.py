@@ -176,6 +176,12 @@ class FluxBundle(ModelBundle):
         # FluxTransformer2DModel has no sample size; the VAE's is the pipeline's default (1024 for FLUX.1).
         return self.part_config("vae")["sample_size"]
 
+    @property
+    def pixel_multiple(self) -> int:
+        # The transformer's own patch_size is 1: its 2×2 patches are the packing above, so an image side is
+        # whole packed tokens, 2 · vae_scale pixels (FluxPipeline would silently round other sizes down).
+        return 2 * self.vae_scale
+
     def pipeline_latents(self, z: torch.Tensor) -> torch.Tensor:
         return pack(z)
 

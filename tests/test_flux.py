@@ -91,6 +91,23 @@ def test_conditions_latents_and_schedule_equal_the_pipelines(dev):
     assert torch.allclose(sched.sigmas[:-1], b.schedule_for(32, 32).sigmas[[999, 749, 499, 249]], atol=1e-6)
 
 
+def test_sample_resolution_must_be_whole_packed_patches(dev, tmp_path, capsys):
+    """FLUX's transformer has patch_size 1 in its config, but FluxPipeline packs 2×2 latent cells into a
+    token (and silently rounds other sizes down): `fewstep sample` asks for multiples of 2 · vae_scale."""
+    from diffusers import FluxPipeline
+
+    from fewstep.models.bundle import load_bundle
+
+    b = load_bundle(str(dev), weights=False)
+    assert b.vae_scale == 4 and b.pixel_multiple == 8
+    # 36 is a whole number of latent cells (9) but not of packed tokens: the pipeline would sample 32
+    assert 2 * (36 // (FluxPipeline.from_pretrained(str(dev)).vae_scale_factor * 2)) * 4 == 32
+    assert main(["sample", "--model", str(dev), "--prompt", PROMPT, "--resolution", "36",
+                 "--output", str(tmp_path / "x.png")]) == 2
+    assert "--resolution 36 is not a multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("variant,guidance,scheduler", [("dev", 3.5, "euler"), ("dev", 2.0, "lcm"),
                                                         ("schnell", 1.0, "lcm"), ("schnell", 2.5, "euler")])
 def test_sampling_equals_vanilla_flux_pipeline(variant, guidance, scheduler, dev, schnell):

@@ -202,13 +202,14 @@ def cmd_sample(argv: list[str]) -> int:
     ts = hints.get("timesteps")
     if a.scheduler or (ts and a.num_inference_steps and a.num_inference_steps != len(ts)):
         ts = None
-    check_steps(sched, steps, ts, f"--model {a.model}", hints.get("num_inference_steps"))
     factor = configs.pixel_multiple
     res = a.resolution or configs.default_resolution
     if res % factor:
         lo = res // factor * factor
         raise ConfigError(f"--resolution {res} is not a multiple of {factor} (the model's pixels per latent "
                           f"patch): use {lo or factor} or {lo + factor}")
+    check_steps(sched, steps, ts, f"--model {a.model}", hints.get("num_inference_steps"), bundle=configs,
+                resolution=res)
     bundle = load_bundle(a.model)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bundle.to(device)

@@ -49,7 +49,7 @@ class TrainConfig:
     pretrained_vae_model_name_or_path: str | None = None  # another VAE (folder or hub id) to use
     cast_teacher_unet: bool = False  # hold the frozen teacher in the mixed-precision dtype
     model_max_length: int | None = None  # tokenizer length prompts are padded / truncated to (default: the teacher's)
-    is_sdxl: bool | None = field(default=None, metadata={"family": "sdxl"})  # PaddleMIX: assert the teacher is (not) SDXL
+    is_sdxl: bool | None = field(default=None, metadata={"family_flag": True})  # PaddleMIX: assert the teacher is (not) SDXL
 
     # data
     train_data_dir: str | None = None  # image folder with .txt captions or metadata.jsonl/csv

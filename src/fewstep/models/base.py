@@ -126,6 +126,9 @@ class ModelBundle:
     # architecture already takes a guidance scale (guidance-distilled teachers); None: neither.
     guidance_embedding: ClassVar[str | None] = None
     micro_conditioning: ClassVar[bool] = False  # image size / crop conditioning (--use_fix_crop_and_size applies)
+    # Boolean settings that assert "the teacher is this family" (PaddleMIX's --is_sdxl): the config marks
+    # such a field, the family that it names lists it here, so config.py names no family.
+    family_flags: ClassVar[tuple[str, ...]] = ()
     # Whether the family's pipeline hands its generator to ``scheduler.step`` (StableDiffusionPipeline
     # does; StableDiffusion3Pipeline does not, so a stochastic scheduler there draws from torch's global
     # RNG): the sampler does the same, so that images equal the vanilla pipeline's.

@@ -229,9 +229,9 @@ def check_teacher(spec: RunSpec, bundle) -> None:
         check_teacher_settings(spec, bundle)
     check_preset_family(cfg, family)
     for f in dataclasses.fields(cfg):
-        want = f.metadata.get("family")
         value = getattr(cfg, f.name)
-        if want and value is not None and family is not None and value != (family == want):
+        if (f.metadata.get("family_flag") and value is not None and family is not None
+                and value != (f.name in bundle.family_flags)):
             raise ConfigError(f"--{f.name} {value}: {cfg.pretrained_teacher_model} is a {family} teacher "
                               f"(from its model_index.json); fewstep picks the family itself: drop --{f.name}")
     if bundle is not None and isinstance(bundle.denoiser, dict):

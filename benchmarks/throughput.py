@@ -314,6 +314,9 @@ def common_keys(a, teacher: Path, cuda: bool) -> dict:
 
 def row_config(row: Row, common: dict, shards: str, cache: str | None, out: Path) -> dict:
     keys = dict(row.keys)
+    if common.get("mixed_precision") == "no":
+        # without mixed precision the lever has nothing to cast (and fewstep refuses it as a no-op)
+        keys.pop("cast_teacher_unet", None)
     if keys.get("cache_dir") == CACHE:
         keys["cache_dir"] = cache
         data = {}

@@ -137,8 +137,20 @@ def test_resume_under_other_trainable_settings_is_refused(tiny_teacher, caption_
     err = capsys.readouterr().err
     assert f"--resume_from_checkpoint {out / 'checkpoint-2'}: that run was trained with other settings" in err
     assert "--lora_rank None there, 4 now" in err and "another --output_dir" in err
-    # Without the recorded config the failed load itself is named, not a traceback of missing keys
+    # The checkpoint records its own settings: the run's fewstep_config.yaml is not needed
     (out / "fewstep_config.yaml").rename(tmp_path / "config.yaml")
+    assert main(["distill", *run_args(tiny_teacher, caption_folder, out), *lora]) == 2
+    assert "--lora_rank None there, 4 now" in capsys.readouterr().err
+    # Without any recorded settings the failed load itself is named, not a traceback of missing keys
+    import json
+
+    from fewstep.training import checkpoint as ck
+
+    for c in out.glob("checkpoint-*"):
+        state = json.loads((c / ck.STATE_JSON).read_text())
+        state["config"] = None
+        (c / ck.STATE_JSON).write_text(json.dumps(state))
+        ck.write_manifest(c, int(c.name.split("-")[1]))  # a consistent checkpoint, only without the record
     assert main(["distill", *run_args(tiny_teacher, caption_folder, out), *lora]) == 2
     err = capsys.readouterr().err
     assert "this run's models or optimizers cannot load it (Error(s) in loading state_dict" in err

@@ -211,7 +211,7 @@ def test_generate_train_export_reload_in_vanilla_diffusers(tiny_teacher, teacher
     assert main(["distill"] + direct_args(tiny_teacher, teacher_data, out, max_train_steps=2,
                                           direct_variant="trajectory")) == 0
     hints = json.loads((out / "fewstep_sampling.json").read_text())
-    assert hints == {"num_inference_steps": 2, "guidance_scale": 1.0, "sampler": "ddim"}
+    assert hints == {"num_inference_steps": 2, "valid_steps": [2, 2], "guidance_scale": 1.0, "sampler": "ddim"}
     assert "DDIMScheduler" in (out / "README.md").read_text()
     (run,) = plan_runs([("direct", str(out))], [1, 2, 4], [50], ["ddim"])
     assert (run.scheduler, run.steps, run.guidance_scale) == ("ddim", 2, 1.0)

@@ -107,15 +107,40 @@ def test_eval_report_on_tiny_models(tiny_teacher, caption_folder, tmp_path):
     assert len(data["results"]) == 5 and data["meta"]["num_images"] == n
 
 
-def test_demo_code_path_on_a_small_budget(tmp_path):
-    from fewstep.demo import run_demo
+def test_demo_code_path_on_a_small_budget(tmp_path, monkeypatch):
+    """A real SIGINT after the first step stops the demo with a checkpoint (no evaluation); running it
+    again continues from that checkpoint and finishes (tests/test_demo.py does the same through the command)."""
+    import os
+    import signal
 
-    s = run_demo(str(tmp_path / "demo"), max_train_steps=2, num_images=10, steps=(1,),
-                 extra={"validation_steps": 2, "train_batch_size": 4})
+    from fewstep.demo import run_demo
+    from fewstep.training.trainer import Trainer
+
+    step = Trainer.step
+
+    def interrupted(self):
+        logs = step(self)
+        if self.state.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered to this process while it trains
+        return logs
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    kw = dict(max_train_steps=2, num_images=10, steps=(1,), extra={"validation_steps": 2, "train_batch_size": 4})
+    s = run_demo(str(tmp_path / "demo"), **kw)
+    assert s["stopped"] and s["step"] == 1 and not (tmp_path / "demo" / "report").exists()
+    assert (tmp_path / "demo" / "student" / "checkpoint-1").is_dir()
+    monkeypatch.undo()
+    s = run_demo(str(tmp_path / "demo"), **kw)
     assert (tmp_path / "demo" / "student" / "unet" / "config.json").is_file()
     assert (tmp_path / "demo" / "student" / "validation" / "step-0000002.png").is_file()
     assert (tmp_path / "demo" / "report" / "report.md").is_file()
-    assert s["teacher_ddim_25"] > 0 and s["student_1"] > 0 and s["teacher_ddim_1"] > 0
+    assert not s["stopped"] and s["teacher_reference"] > 0
+    row = s["steps"][1]
+    assert row["student"][0] > 0 and row["student"][1] > 0  # distance to real digits, to the teacher's samples
+    assert set(row["baselines"]) == {"ddim", "dpm++", "euler"} and all(r > 0 and t > 0 for r, t in row["baselines"].values())
+    data = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())
+    ref = [r for r in data["results"] if r["scheduler"] == "ddim" and r["steps"] == 25]
+    assert len(ref) == 1 and ref[0]["fd_teacher"] < 1e-6  # the reference against itself
 
 
 def test_clip_score_matches_its_definition(tmp_path):

@@ -257,3 +257,31 @@ def test_a_flow_teacher_trains_from_scratch_and_loads_in_vanilla_diffusers(tmp_p
     a = load_file(str(vae_donor / "vae" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_on_a_reused_vae_trains_from_its_cache(tmp_path):
+    """`fewstep cache` of the VAE's own teacher feeds a from-scratch teacher that reuses that VAE: the first
+    loss equals the one computed from the images (the posterior is sampled the same way), and a cache
+    made by another teacher is refused naming --teacher_vae."""
+    from fewstep.testing import build_tiny_sd, write_caption_folder
+
+    donor = build_tiny_sd(tmp_path / "donor")
+    data = write_caption_folder(tmp_path / "data", n=8, size=32)
+    cache = tmp_path / "cache"
+    assert main(["cache", "--pretrained_teacher_model", str(donor), "--train_data_dir", str(data), "--resolution",
+                 "32", "--center_crop", "--train_batch_size", "4", "--report_to", "none",
+                 "--output_dir", str(cache)]) == 0
+    common = ["--method", "teacher", "--teacher_preset", "tiny-flow", "--teacher_vae", str(donor), "--resolution", "32",
+              "--center_crop", "--train_batch_size", "4", "--max_train_steps", "2", "--validation_steps", "0",
+              "--report_to", "none"]
+    losses = []
+    for source in (["--train_data_dir", str(data)], ["--cache_dir", str(cache)]):
+        tr = Trainer(parse_run([*common, *source, "--output_dir", str(tmp_path / source[0][2:])]))
+        tr.start()
+        losses.append(tr.step()["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    other = build_tiny_sd(tmp_path / "other", seed=1)
+    code = main(["distill", *common, "--cache_dir", str(cache), "--output_dir", str(tmp_path / "x")])
+    assert code == 0  # the cache's own teacher: accepted
+    assert main(["distill", *[a if a != str(donor) else str(other) for a in common], "--cache_dir", str(cache),
+                 "--output_dir", str(tmp_path / "y")]) == 2

@@ -4,7 +4,7 @@ dynamic shift and its σ grid, true CFG with the norm rescaling), LCD against an
 reference, direct distillation against the vanilla pipeline's own K-step sampler, every method's recorded
 losses, exports that vanilla QwenImagePipeline samples like `fewstep sample`, LoRA files in diffusers'
 and DiffSynth-Studio's layouts (read back through diffusers' Qwen converter), resume, and training from a
-`fewstep cache` without the text encoder, and (with training/memory.py) the --dry_run memory plan."""
+`fewstep cache` without the text encoder, and the --dry_run memory plan (training/memory.py)."""
 
 import csv
 from pathlib import Path
@@ -314,10 +314,10 @@ def _vanilla_vs_sample(out: Path, teacher: Path, lora: bool, tmp_path: Path, see
         vanilla = QwenImagePipeline.from_pretrained(out)
     assert isinstance(vanilla.scheduler, sched_cls)
     light = load_bundle(str(teacher), weights=False)
-    extra = dict(light.guidance_call_kwargs(hints["guidance_scale"]))
+    extra = dict(hints.get("pipeline_kwargs", {}))  # the run's pipeline-call arguments, its true CFG's among them
+    assert extra.items() >= light.guidance_call_kwargs(hints["guidance_scale"]).items()
     if "timesteps" in hints:  # the card's explicit grid, as sigmas
         extra.update({k: v for k, v in light.timestep_kwargs(32, 32, hints["timesteps"]).items() if k != "mu"})
-    extra.update(hints.get("pipeline_kwargs", {}))
     torch.manual_seed(seed)  # the pipeline re-noises multistep LCM samples from the global RNG
     ref = vanilla(PROMPT, num_inference_steps=hints["num_inference_steps"], height=32, width=32, output_type="np",
                   generator=torch.Generator().manual_seed(seed), **extra).images[0]
@@ -466,9 +466,7 @@ def test_dry_run_reports_every_network_of_a_qwen_image_run(qwen, caption_folder,
     (bf16 with --cast_teacher_unet), VAE and the Qwen2.5-VL encoder, counted exactly as the loaded modules;
     from a cache no text encoder; LoRA trains r · (in + out) per adapted layer of DiffSynth's 12 modules."""
     from fewstep.models.bundle import load_bundle
-
-    # (training/memory.py is the FLUX half of issue 19, on another branch: this runs once both are merged)
-    plan = pytest.importorskip("fewstep.training.memory", reason="--dry_run's memory plan is not here yet").plan
+    from fewstep.training.memory import plan
 
     b = load_bundle(str(qwen))
     n_tr = sum(p.numel() for p in b.denoiser.parameters())

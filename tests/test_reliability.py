@@ -6,9 +6,9 @@ A new method joins the exactness and fault tests by adding one line to METHODS."
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing as mp
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -83,14 +83,20 @@ def assert_same_folder(a: Path, b: Path, pattern="*", exports_only=False) -> Non
     for rel in fa:
         if rel.name in ("fewstep_config.yaml", "README.md"):  # carry the output folder's own name
             continue
+        if rel.name in (ck.COMPLETE, ck.RUN_FILE):  # the manifest (checksums of the files compared here);
+            continue  # the run's id and wall-clock (two runs to the same state differ there)
+        if rel.name == ck.STATE_JSON:  # fewstep's state: equal but for the recorded config (folder names)
+            sa, sb = (ck.read_state_file(x / rel.parent) for x in (a, b))
+            assert _equal({**sa, "config": None}, {**sb, "config": None}), f"{rel} differs"
+            continue
         assert _equal(_load(a / rel), _load(b / rel)), f"{rel} differs"
 
 
 # ---- 1. a kill at every point of a save (the protocol, with a stand-in accelerator) ------------
 
 class FileAccelerator:
-    """What save_checkpoint needs from accelerate: save_state writes two files with the fault point
-    between them, as accelerate writes models and optimizers before fewstep's training state."""
+    """What save_checkpoint needs from accelerate: save_state writes the model and RNG files; fewstep's
+    own state follows (``write_extra``), after the ``save_state`` fault point, as in a real save."""
 
     is_main_process = True
 
@@ -103,13 +109,20 @@ class FileAccelerator:
     def save_state(self, path):
         os.makedirs(path, exist_ok=True)
         Path(path, "model.safetensors").write_bytes(self.payload)
-        ck.fault_point("save_state", int(self.payload))
-        Path(path, "custom_checkpoint_0.pkl").write_bytes(pickle.dumps({"step": int(self.payload)}))
+        Path(path, "random_states_0.pkl").write_bytes(self.payload)
+
+
+def _state(folder):
+    Path(folder, ck.STATE_JSON).write_text(json.dumps({"train": {"step": int(Path(folder, "model.safetensors").read_bytes())}}))
+
+
+def _save(acc, out, step, limit):
+    return ck.save_checkpoint(acc, out, step, limit, write_extra=_state)
 
 
 def _save_in_child(out, step, limit, fault):
     os.environ[ck.FAULT_ENV] = fault
-    ck.save_checkpoint(FileAccelerator(str(step).encode()), Path(out), step, limit)
+    _save(FileAccelerator(str(step).encode()), Path(out), step, limit)
     os._exit(0)
 
 
@@ -121,9 +134,9 @@ def test_sigkill_at_each_point_of_a_save_leaves_a_complete_latest(point, tmp_pat
     out = tmp_path / "o"
     out.mkdir()
     acc = FileAccelerator(b"2")
-    ck.save_checkpoint(acc, out, 2, 1)
+    _save(acc, out, 2, 1)
     if point == "between_replace":  # only a second save of the same step swaps folders
-        ck.save_checkpoint(FileAccelerator(b"4"), out, 4, None)
+        _save(FileAccelerator(b"4"), out, 4, None)
     child = mp.get_context("fork").Process(target=_save_in_child, args=(out, 4, 1, f"{point}@4"))
     child.start()
     child.join(30)
@@ -135,10 +148,10 @@ def test_sigkill_at_each_point_of_a_save_leaves_a_complete_latest(point, tmp_pat
     ckpts = ck.list_checkpoints(out)
     assert ckpts, "the kill lost every checkpoint"
     step, latest = ckpts[-1]
-    assert ck.resolve_resume(out, "latest") == latest
+    assert ck.resolve_resume(out, "latest") == (latest, [])  # and it passes its manifest check
     # Complete means every file of the save, with the content of that step.
     assert (latest / "model.safetensors").read_bytes() == str(step).encode()
-    assert pickle.loads((latest / "custom_checkpoint_0.pkl").read_bytes()) == {"step": step}
+    assert json.loads((latest / ck.STATE_JSON).read_text()) == {"train": {"step": step}}
     # Before the marker the new save does not count; once marked it does, even before its rename.
     expected = 2 if point in ("save_state", "before_marker") else 4
     assert step == expected
@@ -150,7 +163,7 @@ def test_rotation_keeps_the_newest_and_recovery_is_idempotent(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     for s in (1, 2, 3, 4):
-        ck.save_checkpoint(FileAccelerator(str(s).encode()), out, s, 2)
+        _save(FileAccelerator(str(s).encode()), out, s, 2)
     assert [s for s, _ in ck.list_checkpoints(out)] == [3, 4]
     assert ck.recover(out) == [] and [s for s, _ in ck.list_checkpoints(out)] == [3, 4]
     # A half-deleted old checkpoint whose marker survived is out of the checkpoint-N namespace.
@@ -164,7 +177,7 @@ def test_rotation_keeps_the_newest_and_recovery_is_idempotent(tmp_path):
 def test_disk_full_during_save_names_the_intact_previous_checkpoint(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    ck.save_checkpoint(FileAccelerator(b"2"), out, 2, 1)
+    _save(FileAccelerator(b"2"), out, 2, 1)
 
     class FullDisk(FileAccelerator):
         def save_state(self, path):
@@ -173,7 +186,7 @@ def test_disk_full_during_save_names_the_intact_previous_checkpoint(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(ck.CheckpointError, match="disk full while saving checkpoint-4") as e:
-        ck.save_checkpoint(FullDisk(b"4"), out, 4, 1)
+        _save(FullDisk(b"4"), out, 4, 1)
     assert "checkpoint-2 is intact" in str(e.value) and "--resume_from_checkpoint latest" in str(e.value)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
     assert (out / "checkpoint-2" / "model.safetensors").read_bytes() == b"2"
@@ -250,7 +263,7 @@ def test_straight_equals_sigterm_and_resume(method_key, tiny_teacher, caption_fo
     b = tmp_path / "b"
     args_b = common_args(method_key, tiny_teacher, caption_folder, b, resume_from_checkpoint="latest")
     monkeypatch.setattr(cls, "loss", preempted)
-    assert main(["distill", *args_b]) == 0
+    assert main(["distill", *args_b]) == 128 + signal.SIGTERM  # stopped after saving: 143, not "finished"
     assert sorted(p.name for p in b.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     monkeypatch.setattr(cls, "loss", real_loss)
     assert main(["distill", *args_b]) == 0

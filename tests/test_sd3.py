@@ -72,7 +72,7 @@ def test_train_export_reload_in_vanilla_sd3_pipeline(sd3_teacher, sd3_data, tmp_
     out = tmp_path / "run"
     assert main(["distill"] + args(sd3_teacher, sd3_data, out, max_train_steps=2, direct_variant="trajectory")) == 0
     assert json.loads((out / "fewstep_sampling.json").read_text()) == {
-        "num_inference_steps": 2, "guidance_scale": 1.0, "sampler": "flow-euler"}
+        "num_inference_steps": 2, "valid_steps": [2, 2], "guidance_scale": 1.0, "sampler": "flow-euler"}
     assert (out / "transformer" / "config.json").is_file() and not (out / "unet").exists()
     pipe = StableDiffusion3Pipeline.from_pretrained(out, **NO_T5)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)

@@ -66,7 +66,9 @@ RECORDED = {
     "sdxl/lcm-lora": [0.0023270882666110992, 0.014996953308582306, 0.006426490843296051],
     "sdxl/dmd2-gan-lora": [0.003924564458429813, 0.9845520853996277, 0.004328472539782524],
     "sd3/direct": [0.010328525677323341, 0.019489014521241188, 0.006723739206790924],
-    "teacher": [0.2646254301071167, 1.0340772867202759, 1.017746090888977],
+    # re-recorded: the teacher method's latents are now contiguous (torch.randn_like drew other noise for the
+    # channels-last latents the CPU VAE returns; found when its cached and on-the-fly losses differed)
+    "teacher": [0.2646254301071167, 1.1519896984100342, 1.0505263805389404],
 }
 
 
@@ -109,9 +111,9 @@ def sd3_direct_data(tiny_sd3, tmp_path_factory):
 
 def _inputs(kind, fixtures):
     teacher = {"eps": "tiny_teacher", "eps-data": "tiny_teacher", "v": "tiny_teacher_v", "sdxl": "tiny_sdxl",
-               "sd3-data": "tiny_sd3", "none": "tiny_teacher"}[kind]
+               "sd3-data": "tiny_sd3", "none": None}[kind]  # (a teacher trained from scratch takes none)
     data = {"eps-data": "direct_data", "sd3-data": "sd3_direct_data"}.get(kind, "caption_folder")
-    return fixtures(teacher), fixtures(data)
+    return (fixtures(teacher) if teacher else None), fixtures(data)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -29,7 +29,11 @@ from fewstep.eval.run import make_prompts
 from fewstep.training.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
-COMMON = {k: v for k, v in DEMO_DISTILL.items() if k not in ("w_min", "w_max", "ema_decay", "loss_type", "huber_c")}
+# (no validation grids here: the demo's validation options and its --learning_rate, which both groups'
+# own learning rates replace, would be refused as options that change nothing)
+COMMON = {k: v for k, v in DEMO_DISTILL.items() if k not in ("w_min", "w_max", "ema_decay", "loss_type", "huber_c",
+                                                             "learning_rate", "validation_prompts",
+                                                             "validation_inference_steps", "validation_guidance_scale")}
 COMMON.update(lr_scheduler="constant", lr_warmup_steps=0, validation_steps=0, real_guidance_scale=4.0,
               max_grad_norm=10.0, report_to="none")
 
@@ -67,8 +71,7 @@ def main() -> int:
         render(a, json.loads(Path(a.from_json).read_text()))
         return 0
     torch.set_num_threads(a.threads)
-    COMMON.update(generator_lr=a.generator_lr, guidance_lr=a.guidance_lr, learning_rate=a.guidance_lr,
-                  dfake_gen_update_ratio=a.dfake_gen_update_ratio)
+    COMMON.update(generator_lr=a.generator_lr, guidance_lr=a.guidance_lr, dfake_gen_update_ratio=a.dfake_gen_update_ratio)
     out = Path(a.work)
     data = write_subset_folder(out / "data")
     extractor = DigitFeatures()

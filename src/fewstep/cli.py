@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ALIASES, ConfigError, TrainConfig, describe, load_yaml, parse_cli_pairs, resolve
+from .config import ALIASES, ConfigError, TrainConfig, describe
+from .runspec import method_configs, parse_run  # noqa: F401  (re-exported: tests and benchmarks import them here)
 
 USAGE = """usage: fewstep <command> [options]
 
@@ -19,79 +20,64 @@ commands:
   eval       quality vs steps of teachers and students  (fewstep eval --help)
   cache      precompute VAE latents and text embeddings  (fewstep cache --help)
   generate   teacher images + metadata.csv for --method direct (fewstep generate --help)
+  compare    distil one teacher with several methods or presets, one report (fewstep compare --help)
+  push       upload an exported student to the Hugging Face Hub (fewstep push OUT --hub_model_id ID)
   methods    list the distillation methods
+  presets    list the presets (--preset NAME): settings of the reference recipes per method and family
 """
 
 
-def method_configs():
-    """The registered methods by name (what config resolution binds a run's keys to)."""
-    from .methods import REGISTRY
-
-    return dict(REGISTRY)
-
-
-def parse_run(argv: list[str]):
-    """YAML (--config) first, command-line flags on top; returns a validated RunSpec."""
-    import dataclasses
-
-    methods = method_configs()
-    bool_keys = {f.name for c in [TrainConfig, *(m.Config for m in methods.values())] for f in dataclasses.fields(c)
-                 if f.type in ("bool", bool)}
-    bool_keys |= {a for a, k in ALIASES.items() if k in bool_keys}
-    raw: dict = {}
-    argv = [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ConfigError("--config needs a YAML file")
-        raw.update(load_yaml(argv[i + 1]))
-        argv = argv[:i] + argv[i + 2:]
-    raw.update(parse_cli_pairs(argv, bool_keys))
-    spec = resolve(raw, methods)
-    if spec.method_cls.needs_teacher and not spec.train.pretrained_teacher_model:
-        raise ConfigError("--pretrained_teacher_model is required (a diffusers folder or hub id)")
-    return spec
-
-
 def dry_run(spec) -> int:
-    """Everything but training: configs of every model part, one data sample, disk space."""
+    """Everything but training: the run's own refusals (training/preflight.py), the configs of every model
+    part, the first usable data sample, disk space."""
     import yaml
 
-    from .data import build_dataset
     from .models.bundle import free_disk_bytes
+    from .training.preflight import check_run, check_teacher, wandb_reachable
+    from .training.trainer import EpochSampler
 
     cfg = spec.train
     if cfg.cache_dir:
         from .data.cache import check_cache
 
         check_cache(cfg)  # the cache was made for this teacher and transform
-    light = spec.method_cls.preflight(cfg, spec.method)  # the teacher's configs, checked against the settings
+    data = check_run(spec, order=lambda n, seed: iter(EpochSampler(n, seed)), dry=True)
+    light = spec.method_cls.preflight(cfg, spec.method)  # the teacher's configs (no weights), checked
+    check_teacher(spec, light)
     if light is not None:
         print(f"teacher: {light.describe()}")
-    import torch
+    from .training.memory import report
 
-    from .training.speed import check_compile
-
-    check_compile(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    ds = build_dataset(cfg)
-
-    sample = next(iter(ds)) if isinstance(ds, torch.utils.data.IterableDataset) else ds[0]
-    if "_bad" in sample:
-        raise ConfigError(f"the first data sample is unusable ({sample['_bad']}): {sample['_where']}")
-    if hasattr(ds, "__len__") and len(ds) < cfg.train_batch_size:
-        # (full batches only: a data set smaller than one batch would yield no step at all)
-        raise ConfigError(f"the data has {len(ds)} samples, fewer than one batch (--train_batch_size "
-                          f"{cfg.train_batch_size} per process): lower --train_batch_size or add data")
+    print(report(spec))  # every network the method will hold, built on the meta device
+    ds, sample = data.dataset, data.sample
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    first = sample["pixel_values"] if "pixel_values" in sample else sample["cached_moments"]
-    print(f"data: {type(ds).__name__}, first sample {tuple(first.shape)} "
-          f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else ""))
+    if not sample:
+        print("data: every shard is a pipe: command, so no sample was opened")
+    else:
+        first = sample["pixel_values"] if "pixel_values" in sample else sample["cached_moments"]
+        skipped = (f" ({sum(data.skipped.values())} bad of the first {data.seen} read, which the run skips: "
+                   + ", ".join(f"{n} {c}" for c, n in data.skipped.most_common()) + ")") if data.skipped else ""
+        print(f"data: {type(ds).__name__}, first sample {tuple(first.shape)} "
+              f"caption {sample['caption'][:60]!r}" + (f", {len(ds)} samples" if hasattr(ds, "__len__") else "")
+              + skipped)
     print(f"free disk at {cfg.output_dir}: {free / 2**30:.1f} GiB")
     if free < 2**30:
         print("warning: less than 1 GiB free for checkpoints and the exported student", file=sys.stderr)
+    if cfg.report_to in ("wandb", "all"):
+        import os
+
+        online = os.environ.get("WANDB_MODE") or ("online" if wandb_reachable() else "offline (no network)")
+        print(f"wandb: {online}")
+    if cfg.push_to_hub:
+        print(f"after the run: upload the student to the hub repo {hub_repo(cfg)}")
     print("dry run OK: nothing was trained")
     return 0
+
+
+def hub_repo(cfg) -> str:
+    """diffusers' default: the repo is named after --output_dir."""
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
 
 
 def cmd_distill(argv: list[str]) -> int:
@@ -105,24 +91,64 @@ def cmd_distill(argv: list[str]) -> int:
             print(f"\n--method {name} options:")
             print(describe(cls.Config))
         print("\naliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items()))
+        from .config import REFUSED, TRANSLATED
+
+        print("DiffSynth-Studio's flags translated by value: --height/--width (= --resolution), --task, "
+              + ", ".join(f"--{k}" for k in TRANSLATED) + "; refused with what to use instead: "
+              + ", ".join(f"--{k}" for k in REFUSED))
+        print("presets: `fewstep presets`; --preset NAME under --config and the flags")
         return 0
     spec = parse_run(argv)
     if spec.train.dry_run:
         return dry_run(spec)
     from .training.trainer import Trainer
 
-    out = Trainer(spec).train()
+    trainer = Trainer(spec)
+    out = trainer.train()
+    if trainer.stopped_by:  # stopped by SIGTERM / SIGINT after saving: 128 + N, as a shell reports it
+        return 128 + trainer.stopped_by
     if out is not None:
         print(f"student saved in {out}")
+        if spec.train.push_to_hub:
+            return push(out, hub_repo(spec.train), spec.train.hub_token)
     return 0
+
+
+def push(folder, repo_id: str, token: str | None, private: bool = False) -> int:
+    """Upload ``folder``'s export; on failure say so, keep the folder, exit :data:`hub.EXIT_PUSH_FAILED`."""
+    from .hub import EXIT_PUSH_FAILED, HubError, push_folder, push_later_message
+
+    try:
+        url = push_folder(folder, repo_id, token, private)
+    except HubError as e:
+        print(f"fewstep: {push_later_message(folder, repo_id, str(e))}", file=sys.stderr)
+        return EXIT_PUSH_FAILED
+    print(f"uploaded {folder} to {url}")
+    return 0
+
+
+def cmd_push(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fewstep push", description=(
+        "Upload the exported student of a finished run (its --output_dir) and its card to the Hugging Face Hub: "
+        "create_repo + one upload_folder commit. Checkpoints, logs and validation grids stay local. Exit status "
+        "3 when the hub cannot be reached or refuses (the folder is not changed)."))
+    p.add_argument("folder", help="the --output_dir of fewstep distill")
+    p.add_argument("--hub_model_id", default=None, help="repo id NAME or OWNER/NAME (default: the folder's name)")
+    p.add_argument("--hub_token", default=None, help="default: the saved login (hf auth login) or HF_TOKEN")
+    p.add_argument("--private", action="store_true")
+    a = p.parse_args(argv)
+    from .hub import check_export
+
+    check_export(a.folder)
+    return push(a.folder, a.hub_model_id or Path(a.folder).resolve().name, a.hub_token, a.private)
 
 
 def cmd_train_teacher(argv: list[str]) -> int:
     """`fewstep train-teacher ...` = `fewstep distill --method teacher ...`."""
     if "--method" in argv:
         raise ConfigError("train-teacher always uses --method teacher; drop --method")
-    if any(a.split("=")[0] == "--cache_dir" for a in argv):
-        raise ConfigError("train-teacher trains the VAE on pixels: give it images (--train_data_dir, ...), not --cache_dir")
     return cmd_distill(["--method", "teacher", *argv])
 
 
@@ -149,25 +175,44 @@ def cmd_sample(argv: list[str]) -> int:
 
     if a.scheduler:
         check_scheduler(a.scheduler, "--scheduler")
-    bundle = load_bundle(a.model)
+    if a.num_inference_steps is not None and a.num_inference_steps < 1:
+        raise ConfigError("--num_inference_steps must be >= 1")
+    from .eval.run import check_steps
+
+    # Everything checked on the folder's configs before any weight loads.
+    configs = load_bundle(a.model, weights=False)
     hints_path = Path(a.model) / "fewstep_sampling.json"
     hints = json.loads(hints_path.read_text()) if hints_path.is_file() else {}
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bundle.to(device)
     if a.scheduler:
-        sched = make_scheduler(a.scheduler, bundle.scheduler_config)
+        sched = make_scheduler(a.scheduler, configs.scheduler_config)
     else:
         import diffusers
 
-        cls = getattr(diffusers, bundle.scheduler_config.get("_class_name", "DDPMScheduler"))
-        sched = cls.from_config(bundle.scheduler_config)
+        cls = getattr(diffusers, configs.scheduler_config.get("_class_name", "DDPMScheduler"))
+        sched = cls.from_config(configs.scheduler_config)
     steps = a.num_inference_steps or hints.get("num_inference_steps", 4)
+    lo, hi = hints.get("valid_steps", (1, steps))
+    if not a.scheduler and not lo <= steps <= hi:
+        from .export import steps_phrase
+
+        raise ConfigError(f"--num_inference_steps {steps}: {a.model} is trained for {steps_phrase((lo, hi))} "
+                          f"(its fewstep_sampling.json); pick one of those, or another --scheduler to experiment")
     gs = a.guidance_scale if a.guidance_scale is not None else hints.get("guidance_scale", 1.0)
-    res = a.resolution or bundle.default_resolution
     # Training timesteps the scheduler's own grid cannot express (a one-step generator at t = 399)
     ts = hints.get("timesteps")
     if a.scheduler or (ts and a.num_inference_steps and a.num_inference_steps != len(ts)):
         ts = None
+    factor = configs.pixel_multiple
+    res = a.resolution or configs.default_resolution
+    if res % factor:
+        lo = res // factor * factor
+        raise ConfigError(f"--resolution {res} is not a multiple of {factor} (the model's pixels per latent "
+                          f"patch): use {lo or factor} or {lo + factor}")
+    check_steps(sched, steps, ts, f"--model {a.model}", hints.get("num_inference_steps"), bundle=configs,
+                resolution=res)
+    bundle = load_bundle(a.model)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bundle.to(device)
     # Pipelines that do not hand their generator to the scheduler (SD3) re-noise multistep LCM samples from
     # torch's global RNG: seed it too, so a run is repeatable (and equals the pipeline after the same seed).
     torch.manual_seed(a.seed)
@@ -204,6 +249,27 @@ def cmd_cache(argv: list[str]) -> int:
     return 0
 
 
+def cmd_presets(argv: list[str]) -> int:
+    """`fewstep presets [NAME]`: the presets with their family and source; with a name, its keys."""
+    import yaml
+
+    from .runspec import CONFIGS, list_presets, load_preset
+
+    if argv and argv[0] not in ("-h", "--help"):
+        pr = load_preset(argv[0])
+        print(f"# {pr.name}: {pr.description}\n# family: {pr.family}; source: {pr.source}\n# file: {pr.path}")
+        print(yaml.safe_dump(pr.keys, sort_keys=False), end="")
+        return 0
+    presets = list_presets()
+    if not presets:
+        print(f"no presets in {CONFIGS} (set FEWSTEP_CONFIGS to a folder of configs/<method>/<family>.yaml)")
+        return 0
+    print("usage: fewstep distill --preset NAME [flags override it] ...; fewstep presets NAME shows its keys\n")
+    for pr in presets:
+        print(f"{pr.name:18s} {pr.family or '-':6s} {pr.description}\n{'':25s} source: {pr.source}")
+    return 0
+
+
 def cmd_methods(argv: list[str]) -> int:
     from .methods import REGISTRY
 
@@ -236,15 +302,23 @@ def cmd_eval(argv: list[str]) -> int:
                    help="mnist-heldout (the 1,000 bundled held-out digits), an MNIST IDX folder, or an image folder")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the ten digits)")
     p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--teacher_reference", default=None, metavar="LABEL",
+                   help="also the distance to this --model's own samples for the same prompts and seeds "
+                        "(a teacher; at --teacher_reference_steps with --teacher_reference_scheduler)")
+    p.add_argument("--teacher_reference_steps", type=int, default=50)
+    p.add_argument("--teacher_reference_scheduler", default="ddim")
     p.add_argument("--out", default="fewstep-eval")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     from .diffusion.sampling import check_scheduler
     from .eval.metrics import EXTRACTORS
-    from .eval.run import evaluate, load_reference, plan_runs
+    from .eval.run import EvalRun, check_runs, evaluate, load_reference, plan_runs, sampling_hints
 
     for b in a.baselines:  # before any image is generated
         check_scheduler(b, "--baselines")
+    check_scheduler(a.teacher_reference_scheduler, "--teacher_reference_scheduler")
+    if a.teacher_reference_steps < 1:
+        raise ConfigError("--teacher_reference_steps must be >= 1")
     if a.num_images < 1 or a.batch_size < 1:
         raise ConfigError("--num_images and --batch_size must be >= 1")
     if a.prompts and not Path(a.prompts).is_file():
@@ -255,6 +329,16 @@ def cmd_eval(argv: list[str]) -> int:
         label, eq, path = m.partition("=")
         models.append((label, path) if eq else (Path(m).name, m))
     runs = plan_runs(models, a.steps, a.teacher_steps, a.baselines, a.guidance_scale)
+    ref = None
+    if a.teacher_reference:
+        paths = dict(models)
+        if a.teacher_reference not in paths:
+            raise ConfigError(f"--teacher_reference {a.teacher_reference}: not one of the --model labels "
+                              f"({', '.join(paths)})")
+        path = paths[a.teacher_reference]
+        gs = a.guidance_scale if a.guidance_scale is not None else sampling_hints(path).get("guidance_scale", 1.0)
+        ref = EvalRun(a.teacher_reference, path, a.teacher_reference_scheduler, a.teacher_reference_steps, gs)
+    check_runs(runs + ([ref] if ref else []))  # every run, before any model loads
     prompts = None
     if a.prompts:
         prompts = [ln.strip() for ln in Path(a.prompts).read_text().splitlines() if ln.strip()]
@@ -267,7 +351,7 @@ def cmd_eval(argv: list[str]) -> int:
 
         clip = ClipScore(a.clip_model)
     res = evaluate(runs, load_reference(a.reference, a.resolution or 32), extractor, a.num_images, Path(a.out),
-                   prompts, a.resolution, a.batch_size, a.device, clip=clip)
+                   prompts, a.resolution, a.batch_size, a.device, clip=clip, teacher_reference=ref)
     from .eval.report import markdown_table
 
     print(markdown_table(res))
@@ -309,22 +393,22 @@ def cmd_demo(argv: list[str]) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="fewstep demo", description=(
-        "Distil the bundled MNIST teacher with LCD, evaluate teacher vs student at 1/2/4 steps, write a report."))
+        "Distil the bundled MNIST teacher with LCD and compare the student at 1/2/4 steps with the teacher's "
+        "training-free samplers at the same steps. Ctrl-C stops it (a checkpoint is saved); running it again "
+        "continues."))
     p.add_argument("--output_dir", default="fewstep-demo")
     p.add_argument("--max_train_steps", type=int, default=None, help="default: the embedded 250")
-    p.add_argument("--num_images", type=int, default=400, help="images per evaluated row")
+    p.add_argument("--num_images", type=int, default=300, help="images per evaluated row")
     a = p.parse_args(argv)
-    from .demo import run_demo
+    from .demo import print_summary, run_demo
 
     s = run_demo(a.output_dir, a.max_train_steps, a.num_images)
-    print(f"\nfewstep demo: distilled in {s['train_seconds']} s, {s['total_seconds']} s in all")
-    print(f"Fréchet distance to 1,000 held-out digits (lower is better), {a.num_images} images per row, "
-          f"guidance {s['guidance_scale']:g}:")
-    print(f"  teacher, DDIM 25 steps           {s['teacher_ddim_25']:8.2f}")
-    for n in (1, 2, 4):
-        print(f"  {n} step(s): teacher DDIM {s[f'teacher_ddim_{n}']:8.2f}   LCD student {s[f'student_{n}']:8.2f}"
-              f"   ({s[f'teacher_ddim_{n}'] / max(s[f'student_{n}'], 1e-9):.2f}x better)")
-    print(f"report: {s['report']}")
+    if s["stopped"]:
+        print(f"fewstep demo: stopped at step {s['step']}; run `fewstep demo"
+              + (f" --output_dir {a.output_dir}" if a.output_dir != "fewstep-demo" else "")
+              + "` again to continue from there", file=sys.stderr)
+        return 130
+    print_summary(s, a.num_images)
     return 0
 
 
@@ -334,8 +418,15 @@ def cmd_generate(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_compare(argv: list[str]) -> int:
+    from .compare import cmd_compare as run
+
+    return run(argv)
+
+
 COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "eval": cmd_eval, "distill": cmd_distill, "export": cmd_export,
-            "train-teacher": cmd_train_teacher, "sample": cmd_sample, "cache": cmd_cache, "methods": cmd_methods}
+            "train-teacher": cmd_train_teacher, "sample": cmd_sample, "cache": cmd_cache, "methods": cmd_methods,
+            "presets": cmd_presets, "push": cmd_push, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fewstep: unknown command {cmd!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""), file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
+    from .logs import quiet_libraries
     from .training.checkpoint import CheckpointError
 
+    quiet_libraries()
     try:
         return COMMANDS[cmd](rest)
     except ConfigError as e:
@@ -361,3 +454,6 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"fewstep {cmd}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside training (training saves and returns on its own)
+        print(f"fewstep {cmd}: interrupted", file=sys.stderr)
+        return 130

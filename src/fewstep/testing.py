@@ -433,3 +433,125 @@ def qwenimage_components(device="meta", num_layers: int = 60, text_layers: int =
         text_encoder = Qwen2_5_VLForConditionalGeneration(text_cfg)
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder,
                 scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER))
+
+
+# ---- FLUX.1 ------------------------------------------------------------------------------------
+def write_t5_tokenizer(out_dir: str | Path, words: list[str] | None = None, model_max_length: int = 512) -> Path:
+    """A real ``T5TokenizerFast`` (a SentencePiece-style Unigram model, written as ``tokenizer.json``) with a
+    small vocabulary made offline: T5's special tokens at T5's ids (<pad> 0, </s> 1, <unk> 2), the
+    word-boundary piece "▁", whole words "▁word" for ``words``, and every lowercase letter, digit and
+    common punctuation mark with and without "▁", so any such text tokenises. Whole words score higher
+    than their spellings, so the Unigram model keeps them whole."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    seen = {p for p, _ in pieces}
+    for word in words or DEFAULT_WORDS:
+        if "▁" + word not in seen:
+            pieces.append(("▁" + word, -3.0))
+            seen.add("▁" + word)
+    for c in string.ascii_lowercase + string.digits + ".,!?'-":
+        for piece, score in ((c, -8.0), ("▁" + c, -8.5)):
+            if piece not in seen:
+                pieces.append((piece, score))
+                seen.add(piece)
+    tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    out = Path(out_dir)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def tiny_flux_components(variant: str = "dev", image_size: int = 32, seed: int = 0):
+    """A FluxPipeline-shaped teacher with random weights: a FluxTransformer2DModel with one double-stream
+    and two single-stream blocks (inner width 32, rotary axes 4 + 6 + 6 = the head width 16), with
+    FLUX.1-dev's guidance embedding (``variant="dev"``) or without it (``"schnell"``); a CLIP text encoder
+    (pooled 32-d) and a T5 v1.1-style encoder (gated GELU, 32-d states); a 16-channel VAE (÷4) with
+    FLUX's shift and scale; and the variant's FlowMatchEulerDiscreteScheduler (dev: resolution-dependent
+    shift; schnell: shift 1)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"variant must be dev or schnell, got {variant!r}")
+    with tempfile.TemporaryDirectory(prefix="fewstep-tok-") as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(tmp) / "clip", None, 77)))
+        tokenizer_2 = T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(Path(tmp) / "t5")))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 32, 64],
+                        latent_channels=16, layers_per_block=1, norm_num_groups=16, sample_size=image_size,
+                        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=variant == "dev",
+                                         axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[variant])
+    return dict(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+
+# The scheduler configs of the FLUX.1-dev and FLUX.1-schnell repositories.
+FLUX_SCHEDULERS = {
+    "dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096),
+    "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+}
+
+
+def build_tiny_flux(out_dir: str | Path, **kw) -> Path:
+    """A tiny FLUX.1-like flow-matching teacher as a FluxPipeline folder (``variant="dev"`` or ``"schnell"``)."""
+    from diffusers import FluxPipeline
+
+    FluxPipeline(**tiny_flux_components(**kw)).save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def flux_components(variant: str = "dev", device="meta", num_layers: int = 19, num_single_layers: int = 38):
+    """The FLUX.1 architecture with random weights (transformer, CLIP ViT-L/14 text, T5 v1.1 XXL encoder,
+    16-channel VAE), written out from the published configs so nothing is downloaded; ``device="meta"``
+    builds shapes only (parameter counts, memory estimates). ``num_layers`` / ``num_single_layers``
+    shrink the transformer's depth (benchmarks on a small machine); the widths stay FLUX.1's. No
+    tokenizers: the benchmarks feed token ids."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2,
+            pad_token_id=1))
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                            layers_per_block=2, latent_channels=16, sample_size=1024, scaling_factor=0.3611,
+                            shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+        transformer = FluxTransformer2DModel(guidance_embeds=variant == "dev", num_layers=num_layers,
+                                             num_single_layers=num_single_layers)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[variant])
+    return dict(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2)

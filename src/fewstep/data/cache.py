@@ -59,13 +59,17 @@ def read_index(cache_dir: str) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-def check_cache(cfg) -> dict[str, Any]:
-    """The cache's index, after checking that it was made for this run's teacher and transform."""
+def check_cache(cfg, teacher: str | None = None, teacher_flag: str = "pretrained_teacher_model") -> dict[str, Any]:
+    """The cache's index, after checking that it was made for this run's teacher and transform.
+    ``teacher``: the folder whose VAE made the latents when it is not --pretrained_teacher_model (a teacher
+    trained from scratch on a reused VAE), named ``teacher_flag`` in messages."""
     index = read_index(cfg.cache_dir)
     want, have = cache_key(cfg), index["key"]
+    if teacher is not None:
+        want["teacher"] = str(Path(teacher).expanduser().resolve()) if Path(teacher).expanduser().exists() else teacher
     for k in ("teacher", "vae", *KEY_FIELDS):
         if want.get(k) != have.get(k):
-            name = {"teacher": "pretrained_teacher_model", "vae": "pretrained_vae_model_name_or_path"}.get(k, k)
+            name = {"teacher": teacher_flag, "vae": "pretrained_vae_model_name_or_path"}.get(k, k)
             raise ConfigError(
                 f"--cache_dir {cfg.cache_dir} was made with --{name} {have.get(k)!r}, this run has {want.get(k)!r}: "
                 f"pass --{name} {have.get(k)} or re-run `fewstep cache` with this run's settings")

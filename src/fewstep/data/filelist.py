@@ -35,7 +35,7 @@ import torch
 
 from ..config import ConfigError
 from .stream import StreamDataset
-from .transforms import BadSample
+from .transforms import TOO_LARGE, BadSample
 
 
 def read_file_list(path: str) -> list[tuple[list[str], float | None]]:
@@ -145,8 +145,8 @@ class FileListDataset(StreamDataset):
             except (OSError, EOFError, zlib.error) as e:  # missing or truncated file: one bad item, go on
                 yield "!", f, e
 
-    def __iter__(self):
-        # Interleave the lists by weight; the base class handles skip-on-resume and bad units.
+    def _items(self):
+        # Interleave the lists by weight; the base class carries bad items to the next good one.
         wid, _ = self._worker()
         skip = 0 if self.resampling else self.resume_items.get(wid, 0)
         weights = torch.tensor([w if w is not None else 1.0 for _, w in self.lists], dtype=torch.float64)
@@ -198,6 +198,8 @@ class FileListDataset(StreamDataset):
                     x = self.transform.apply(im, gen, where)
             except BadSample:
                 raise
+            except Image.DecompressionBombError:
+                raise BadSample(TOO_LARGE, where) from None
             except Exception:
                 raise BadSample("corrupt image", where) from None
             return {**x, "caption": caption}

@@ -1,6 +1,9 @@
 """WebDataset shards: local paths with brace expansion, ``pipe:`` commands and http(s) URLs,
 streamed without downloading the data set first (webdataset opens each shard as a stream).
 
+A ``pipe:`` spec is a shell command that training runs as given: a config holding one is trusted input,
+like a script. ``--dry_run`` prints those commands and never runs them.
+
 Image keys jpg/png/jpeg/webp, caption keys text/txt/caption; an optional ``json`` member may carry
 the image's size before any resizing (img2dataset's ``original_height`` / ``original_width``), which
 becomes SDXL's ``original_size``.
@@ -15,9 +18,9 @@ import torch
 
 from ..config import ConfigError
 from .stream import StreamDataset
-from .transforms import BadSample
+from .transforms import NOT_UTF8, TOO_LARGE, BadSample
 
-IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
 TEXT_KEYS = ("text", "txt", "caption")
 
 
@@ -48,6 +51,13 @@ class ShardDataset(StreamDataset):
     def urls(self) -> list[str]:
         return self.units
 
+    def drop_pipes(self) -> list[str]:
+        """Remove the ``pipe:`` shards (shell commands) and return their commands: ``--dry_run`` prints
+        them instead of running them."""
+        cmds = [u[len("pipe:"):].strip() for u in self.units if u.startswith("pipe:")]
+        self.units = [u for u in self.units if not u.startswith("pipe:")]
+        return cmds
+
     def raw_items(self, url: str):
         import webdataset as wds
 
@@ -65,7 +75,10 @@ class ShardDataset(StreamDataset):
                 raise BadSample("missing image", where)
             if txt_key is None:
                 raise BadSample("missing caption", where)
-            caption = sample[txt_key].decode("utf-8", errors="replace").strip()
+            try:
+                caption = sample[txt_key].decode("utf-8-sig").strip()
+            except UnicodeDecodeError as e:
+                raise BadSample(NOT_UTF8, f"{where}.{txt_key} (invalid byte at offset {e.start})") from None
             if not caption:
                 raise BadSample("missing caption", where)
             gen = torch.Generator().manual_seed(self.item_seed(where))
@@ -75,6 +88,8 @@ class ShardDataset(StreamDataset):
                     x = self.transform.apply(im, gen, where)
             except BadSample:
                 raise
+            except Image.DecompressionBombError:
+                raise BadSample(TOO_LARGE, where) from None
             except Exception:
                 raise BadSample("corrupt image", where) from None
             if "json" in sample:

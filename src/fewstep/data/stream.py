@@ -5,8 +5,9 @@ A stream is a list of *units* (shard files, or data files of a file list) read i
 data-loader worker of every rank owns the units ``order[slot::slots]`` with ``slot = rank · workers +
 worker``, so within an epoch no unit, hence no sample, is served twice across the whole job.
 
-Each yielded item (a decoded sample or a ``_bad`` marker) carries ``_worker``, the id of the worker
-that produced it, so the trainer can count how many items of each worker's stream it has consumed.
+Each yielded item (a decoded sample, with the bad items just before it in ``_skipped``, or a ``_bad``
+marker at the very end) carries ``_worker``, the id of the worker that produced it, so the trainer can
+count how many items of each worker's stream it has consumed: a bad item takes no place in a batch.
 On resume, each worker skips exactly that many items *without decoding them* (the tar or text is
 still read, images are not), so the stream continues where it stopped: nothing repeated, nothing
 skipped.
@@ -29,6 +30,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
     unit) and :meth:`decode` (a raw item → sample dict or ``{"_bad": cause, "_where": ...}``)."""
 
     units: list[str]
+    carry_bad = False  # the trainer turns it on: bad items ride with the next good one (full batches)
 
     def __init__(self, seed: int = 0, max_samples: int | None = None, resampling: bool = False):
         self.seed, self.max_samples, self.resampling = seed, max_samples, resampling
@@ -80,6 +82,24 @@ class StreamDataset(torch.utils.data.IterableDataset):
         raise NotImplementedError
 
     def __iter__(self):
+        """Good items, each carrying the bad items the stream passed just before it (``_skipped``), so a
+        batch is never short of a bad sample; bad items left at the end of the stream come alone."""
+        if not self.carry_bad:
+            yield from self._items()
+            return
+        pending: list = []
+        for item in self._items():
+            if "_bad" in item:
+                pending.append(item)
+                continue
+            if pending:
+                item["_skipped"] = [(b["_bad"], b["_where"]) for b in pending]
+                pending = []
+            yield item
+        yield from pending
+
+    def _items(self):
+        """Every item of this worker's stream in order, bad ones as ``{"_bad": cause, "_where": ...}``."""
         wid, _ = self._worker()
         skip = 0 if self.resampling else self.resume_items.get(wid, 0)
         units = self._resampled_units() if self.resampling else self.my_units()

@@ -13,6 +13,18 @@ _FILTERS = {
     "lanczos": Image.LANCZOS,
 }
 MIN_SIDE = 8  # images smaller than this on a side are skipped as "tiny image"
+# Pillow refuses images above 2 x Image.MAX_IMAGE_PIXELS (~179 megapixels) as decompression bombs.
+TOO_LARGE = "image too large"
+NOT_UTF8 = "caption not UTF-8"  # (skip causes the data modules share)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grey images (PNG ``I;16``, and ``I``) are scaled by 255/65535: Pillow's own
+    conversion clips them at 255, which turns every non-black pixel white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 class BadSample(Exception):
@@ -40,7 +52,9 @@ class ImageTransform:
                 return self.apply(im, gen, path)
         except FileNotFoundError:
             raise BadSample("missing image", path) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        except Image.DecompressionBombError:
+            raise BadSample(TOO_LARGE, path) from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
             raise BadSample("corrupt image", path) from None
 
     def apply(self, im: Image.Image, gen: torch.Generator, where: str = "?") -> dict[str, torch.Tensor]:
@@ -48,7 +62,7 @@ class ImageTransform:
         of the source image and ``crop_top_left`` (top, left) of the crop in the resized image."""
         if min(im.size) < MIN_SIDE:
             raise BadSample("tiny image", where)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         r = self.resolution
         w, h = im.size
         scale = r / min(w, h)

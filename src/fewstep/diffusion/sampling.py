@@ -92,7 +92,7 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
 
 
 def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int | None = None, checkpoint: bool = False,
-           generator=None, timestep_kwargs: dict | None = None, layout=None) -> list[torch.Tensor]:
+           generator=None, timestep_kwargs: dict | None = None) -> list[torch.Tensor]:
     """States [z_0 = x_T·σ_init, z_1, …, z_K] of ``scheduler``'s K-step sampler.
 
     ``denoise(z, t)`` returns the (guided) model output; ``scheduler.step`` is the library's own code,
@@ -100,9 +100,7 @@ def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int | Non
     ``checkpoint`` each denoiser call runs under ``torch.utils.checkpoint`` (only the K step inputs are
     kept). Only the denoiser call is checkpointed: the step itself is cheap, and some schedulers
     advance an internal counter on every call, which must not happen twice. ``timestep_kwargs`` go to
-    ``set_timesteps`` (explicit timesteps or sigmas, a resolution-dependent ``mu``). ``layout``: the
-    family's (to, back) of the latent layout its pipeline steps the scheduler in
-    (:meth:`~fewstep.models.base.ModelBundle.latent_layout`): a stochastic step draws its noise in it."""
+    ``set_timesteps`` (explicit timesteps or sigmas, a resolution-dependent ``mu``)."""
     kw = dict(timestep_kwargs or {})
     if "timesteps" in kw or "sigmas" in kw:
         scheduler.set_timesteps(device=x_T.device, **kw)
@@ -118,11 +116,7 @@ def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int | Non
             out = torch.utils.checkpoint.checkpoint(denoise, inp, t, use_reentrant=False)
         else:
             out = denoise(inp, t)
-        if layout is None:
-            z = scheduler.step(out, t, z, return_dict=True, **step_kw).prev_sample  # LCM: x̂₀ itself at the end
-        else:
-            to, back = layout
-            z = back(scheduler.step(to(out), t, to(z), return_dict=True, **step_kw).prev_sample, z.shape)
+        z = scheduler.step(out, t, z, return_dict=True, **step_kw).prev_sample  # LCM: x̂₀ itself at the end
         states.append(z)
     return states
 
@@ -159,7 +153,8 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
     they are drawn from one CPU generator per seed.
 
     A denoiser that embeds the guidance scale (LCD students, guidance-distilled transformers) receives
-    it and runs no CFG batch; otherwise CFG runs when guidance_scale > 1.
+    it (as :meth:`~fewstep.models.base.ModelBundle.guidance_input` says) and runs no CFG batch; otherwise
+    CFG runs when guidance_scale > 1.
     """
     device = bundle.device
     dtype = next(net.parameters()).dtype
@@ -167,7 +162,7 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
     cond = bundle.encode_text(prompts, size=(height, width))
     embeds = bundle.embeds_guidance(net)
     uncond = None if embeds or guidance_scale <= 1.0 else bundle.uncond(n, size=(height, width))
-    w = torch.full((n,), guidance_scale - 1.0, device=device) if embeds else None
+    w = torch.full((n,), bundle.guidance_input(guidance_scale), device=device) if embeds else None
     shape = (1, *bundle.latent_shape(height, width))
     # One generator per image, as the pipeline does with a list of generators.
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -179,14 +174,17 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
         latents = noise.to(device, dtype)
     inner = guided_denoiser(bundle, net, cond, uncond, guidance_scale, w)
 
+    # The scheduler steps in the pipeline's latent layout (FLUX: packed tokens), so that noise a step
+    # draws lands where the pipeline's does; the denoiser sees (B, C, h, w) as everywhere else.
     def denoise(z, t):
-        return inner(z, t).to(dtype)
+        return bundle.pipeline_latents(inner(bundle.model_latents(z, height, width), t).to(dtype))
 
-    kw = bundle.timestep_kwargs(height, width, timesteps, num_inference_steps)
+    kw = bundle.timestep_kwargs(height, width, timesteps, num_inference_steps=num_inference_steps,
+                                scheduler=scheduler)
     step_gen = (gens if len(gens) > 1 else gens[0]) if bundle.step_generator else None
-    states = unroll(denoise, scheduler, latents, num_inference_steps, generator=step_gen, timestep_kwargs=kw,
-                    layout=bundle.latent_layout())
-    return states[-1]
+    states = unroll(denoise, scheduler, bundle.pipeline_latents(latents), num_inference_steps, generator=step_gen,
+                    timestep_kwargs=kw)
+    return bundle.model_latents(states[-1], height, width)
 
 
 def sample_images(bundle, net, scheduler, prompts, seeds, num_inference_steps, guidance_scale, height, width,

@@ -20,6 +20,18 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 N_EVAL = 1000
 SPLITS = ("train", "eval")
+# The digits shipped with fewstep: 3,000 of the training split and the 1,000 held-out ones (28 px, uint8).
+SUBSET = Path(__file__).resolve().parents[1] / "assets" / "mnist_subset.npz"
+
+
+def heldout_digits():
+    """The 1,000 bundled held-out digits as images in [0, 1], shape (1000, 3, 32, 32): the reference of
+    ``fewstep eval --reference mnist-heldout`` and of the demo."""
+    import torch
+
+    data = np.load(SUBSET)
+    x = torch.from_numpy(pad32(data["eval_images"])).float() / 255
+    return x[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
 def caption_for(label: int) -> str:

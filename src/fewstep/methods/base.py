@@ -41,6 +41,14 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = True  # --pretrained_teacher_model is required
+    # This method's settings that decide which parameters are trained and how the optimizer state is laid
+    # out: a checkpoint written under other values is refused on resume (the trainer adds its own keys).
+    resume_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg) -> list[str]:
+        """Extra lines for the out-of-memory message: this method's own ways to use less memory."""
+        return []
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:
@@ -103,6 +111,17 @@ class Method:
     def after_step(self, phase: str, step: int) -> None:
         """Called after each optimizer step (EMA updates, target switches)."""
 
+    def schedule_ticks(self, phase: str, step: int) -> dict[str, int]:
+        """How far each group's learning-rate schedule advances after optimizer step ``step`` (which
+        updated ``phase``), in the clock of the reference algorithm (its iterations). Default: a group's
+        schedule counts its own updates."""
+        return {phase: 1}
+
+    def schedule_length(self, group: str) -> int:
+        """The number of ticks of ``group``'s schedule over the whole run (where linear / cosine schedules
+        reach zero). Default: --max_train_steps."""
+        return self.cfg.max_train_steps
+
     def stateful(self) -> dict[str, Any]:
         """Extra objects with state_dict/load_state_dict that checkpoints must hold (EMA targets)."""
         return {}
@@ -112,6 +131,12 @@ class Method:
         """Images in [0, 1] from the current student, the way users will sample it."""
         raise NotImplementedError
 
+    def trained_steps(self) -> tuple[int, int] | None:
+        """(lo, hi): the sampling step counts the student is trained for (every denoiser call at a
+        timestep it was trained at); None: any. Validation grids show only these; cards state them."""
+        return None
+
     def export(self, out_dir: Path) -> dict[str, Any]:
-        """Write the student in the formats users load; return model-card facts."""
+        """Write the student in the formats users load; return model-card facts (``valid_steps``:
+        :meth:`trained_steps`)."""
         raise NotImplementedError

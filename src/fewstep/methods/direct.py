@@ -7,7 +7,9 @@ cfg_scale``, optionally ``latents``). Per row the initial noise x_T is regenerat
 (seed, rand_device); the teacher's endpoint x̂ is the saved latents, or the VAE posterior mean of the
 image. The student runs the deterministic scheduler vanilla diffusers runs for it (DDIM with
 "trailing" spacing for ε/v teachers, flow-matching Euler for flow teachers) for K steps at the row's
-guidance scale w (CFG only when w > 1), every step differentiable:
+guidance scale w (CFG only when w > 1; a guidance-distilled transformer such as FLUX.1-dev takes w as
+its own guidance input, as its pipeline passes ``guidance_scale``, and runs no CFG batch), every step
+differentiable, on the grid the family's pipeline samples K steps on:
 
     z_0 = x_T,   z_{k+1} = step(z_k, D_θ(z_k, t_k, c, w), t_k),   k = 0 … K−1
 
@@ -42,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, refuse_changed, teacher_uses
 from ..diffusion.noise import batch_noise
 from ..diffusion.sampling import guided_denoiser, is_flow_config, make_scheduler, sample_images, unroll
 from ..export import export_pipeline
@@ -78,6 +80,27 @@ class DirectConfig:
             raise ConfigError("--lora_dropout must be in [0, 1)")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ConfigError("--lora_target_modules must name at least one module")
+        if self.lora_rank is None:
+            refuse_changed(self, ("lora_alpha", "lora_dropout", "lora_target_modules"),
+                           "without --lora_rank (they configure LoRA adapters): add --lora_rank R, or drop them")
+
+    def validate_run(self, cfg):
+        refuse_changed(cfg, ("proportion_empty_prompts",), "for --method direct: each row's caption is the prompt the "
+                       "teacher's image was made from, dropping it would mislabel the target; drop it")
+        refuse_changed(cfg, ("cast_teacher_unet",), "for --method direct, which holds no teacher network (the "
+                       "teacher's work is in the data): drop it")
+        refuse_changed(cfg, ("use_fix_crop_and_size",), "for --method direct: the student is conditioned on the "
+                       "generation size only, as the pipeline samples it; drop it")
+        if not cfg.validation_steps:
+            refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["direct_variant", "student_steps", "student_guidance_scale", "checkpoint_steps", "lora_rank",
+                "learning_rate", "vae_encode_batch_size"]  # (images without saved latents are encoded)
+        keys += ["lora_alpha", "lora_dropout", "lora_target_modules"] if self.lora_rank is not None else []
+        keys += ["validation_guidance_scale"] if cfg.validation_steps else []
+        return {**teacher_uses(cfg), **{k: getattr(self if hasattr(self, k) else cfg, k) for k in keys}}
 
 
 def student_scheduler(scheduler_config: dict):
@@ -126,6 +149,13 @@ def _one(values, what: str, option: str):
 class Direct(Method):
     name = "direct"
     Config = DirectConfig
+    resume_keys = ("lora_rank", "lora_target_modules")
+    task_names = ("direct_distill",)  # DiffSynth-Studio's --task for this method
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg):
+        on = " (already on)" if mcfg.lora_rank is not None else ""
+        return [f"LoRA: --lora_rank 64{on} (train adapters only; one denoiser in memory)"]
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:
@@ -200,9 +230,13 @@ class Direct(Method):
 
     def denoiser(self, net, captions: list[str], w: float):
         """D(z, t): the student's (guided) output, as the pipeline computes it (CFG over one uncond ‖
-        cond batch when w > 1)."""
+        cond batch when w > 1; a guidance-distilled student takes w as its guidance input instead)."""
         res = self.cfg.resolution
         cond = self.bundle.encode_text(captions, size=(res, res))
+        if self.bundle.guidance_embedding == "native" and self.bundle.embeds_guidance(net):
+            # a guidance-distilled student takes w as its own input, as its pipeline passes it: no CFG batch
+            g = torch.full((len(captions),), self.bundle.guidance_input(w), device=self.accelerator.device)
+            return guided_denoiser(self.bundle, net, cond, None, w, g)
         uncond = self.bundle.uncond(len(captions), size=(res, res)) if w > 1.0 else None
         return guided_denoiser(self.bundle, net, cond, uncond, w)
 
@@ -212,7 +246,7 @@ class Direct(Method):
         if K in self._grids_ok:
             return
         res = self.cfg.resolution
-        kw = self.bundle.timestep_kwargs(res, res, None, K)
+        kw = self.bundle.timestep_kwargs(res, res, num_inference_steps=K, scheduler=self.sched)
         if "sigmas" in kw or "timesteps" in kw:
             self.sched.set_timesteps(**kw)
         else:
@@ -245,8 +279,10 @@ class Direct(Method):
                               f"{shape}: train at the resolution the data was generated at")
         denoise = self.denoiser(self.student, list(batch["caption"]), w)
         with self.accelerator.autocast():
+            # the grid the family's pipeline samples K steps on (FLUX: its own sigmas, not the scheduler's)
             states = unroll(denoise, self.sched, x_T, K, self.checkpoint,
-                            timestep_kwargs=self.bundle.timestep_kwargs(res, res, None, K))
+                            timestep_kwargs=self.bundle.timestep_kwargs(res, res, num_inference_steps=K,
+                                                                        scheduler=self.sched))
         z_K = states[-1].float()
         final = F.mse_loss(z_K, x_hat)
         logs = {"loss_final": final.detach()}
@@ -268,11 +304,16 @@ class Direct(Method):
         with self.accelerator.autocast():
             return sample_images(self.bundle, net, sched, prompts, seeds, num_inference_steps, w, res, res)
 
+    def trained_steps(self):
+        # exactly the K of the data (None until the first batch has said it, without --student_steps)
+        return (self.sampling.K, self.sampling.K) if self.sampling.K else None
+
     def export(self, out_dir: Path):
         net = self.accelerator.unwrap_model(self.student)
         sched, name = student_scheduler(self.bundle.scheduler_config)
         K, w = self.sampling.K, self.sampling.w if self.sampling.w is not None else 1.0
-        facts = {"scheduler": type(sched).__name__, "sampler": name, "num_inference_steps": K, "guidance_scale": w,
+        facts = {"scheduler": type(sched).__name__, "sampler": name, "num_inference_steps": K,
+                 "valid_steps": self.trained_steps(), "guidance_scale": w,
                  "guidance_note": f"Direct distillation ({self.mcfg.direct_variant}): trained for exactly {K} steps of "
                                   f"{type(sched).__name__} at guidance scale {w:g}; other settings are untrained."}
         if self.lora:

@@ -12,6 +12,11 @@ before it, and every ``--interval`` stage-2 optimizer steps the target moves one
 teacher, ending on the teacher itself. Targets are loaded strictly (every key present, none extra):
 the public code's non-strict load with prefixed keys can silently keep the old target.
 
+Learning-rate schedules: stage 1 advances the fake score's schedule once per step, stage 2 both groups'
+on DMD2's iteration clock; the two stages share one schedule per group (the reference runs them as two
+programs, each with its own warmup), so the fake score warms up once, in stage 1, and the generator at
+the start of stage 2.
+
 ``--disback_stage both`` runs stage 1 for ``--degradation_steps`` optimizer steps and stage 2 for the
 rest of ``--max_train_steps``; ``degradation`` or ``backtracking`` run one stage alone (stage 2 reads the
 path from ``--degradation_path``). The stage, the stage-2 start and the target index are in every
@@ -26,13 +31,18 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, refuse_changed
 from ..models.bundle import frozen_copy
 from ..models.lora import active_adapter, adapter_params, attach_lora
 from .base import StepOutput, register
-from .dmd2 import DMD2, DMD2Config, phase_of
+from .dmd2 import DMD2, DMD2Config, iteration_of, phase_of
 
 MANIFEST = "path.json"
+# DMD2 options of the generator's update (and the GAN), which stage 1 never runs
+GENERATOR_KEYS = ("generator_lr", "dfake_gen_update_ratio", "real_guidance_scale", "fake_guidance_scale",
+                  "min_step_percent", "max_step_percent", "dm_loss_weight", "gen_cls_loss_weight",
+                  "guidance_cls_loss_weight", "cls_on_clean_image", "diffusion_gan", "diffusion_gan_max_timestep",
+                  "regression_loss_weight")
 STAGES = ("both", "degradation", "backtracking")
 
 
@@ -54,6 +64,56 @@ class DisBackConfig(DMD2Config):
         if self.disback_stage == "backtracking" and not self.degradation_path:
             raise ConfigError("--disback_stage backtracking needs --degradation_path (the degradation_path folder "
                               "of a --disback_stage degradation run)")
+        if self.disback_stage != "both":
+            refuse_changed(self, ("degradation_steps",), f"with --disback_stage {self.disback_stage} (it splits the "
+                           "steps of --disback_stage both): drop it")
+        if self.disback_stage == "backtracking":
+            refuse_changed(self, ("degradation_interval",), "with --disback_stage backtracking (the path exists): "
+                           "drop it")
+        if self.disback_stage == "degradation":
+            refuse_changed(self, ("interval",), "with --disback_stage degradation (no backtracking): drop it")
+            refuse_changed(self, GENERATOR_KEYS, "with --disback_stage degradation, which trains no generator (only "
+                           "the fake score along the degradation path): drop them")
+
+    def validate_run(self, cfg):
+        if self.disback_stage != "degradation":
+            return super().validate_run(cfg)
+        # Stage 1 alone runs no generator update and no GAN: DMD2's checks of those do not apply.
+        if self.fake_score_lora_rank is not None and cfg.cast_teacher_unet:
+            raise ConfigError("--cast_teacher_unet has no effect with --fake_score_lora_rank: the teacher's weights "
+                              "are always held in the mixed-precision dtype; drop it")
+        if self.guidance_lr is not None:
+            refuse_changed(cfg, ("learning_rate",), "with --disback_stage degradation and --guidance_lr given (only "
+                           "the fake score trains): drop it")
+        refuse_changed(cfg, ("use_fix_crop_and_size",), "with --disback_stage degradation: no image carries its size "
+                       "(the fake score learns on generator samples); drop it")
+        if not self.encodes_images(cfg) and not cfg.cache_dir:
+            refuse_changed(cfg, ("vae_encode_batch_size",), "for this stage, which encodes no image: drop it")
+        if not cfg.validation_steps:
+            refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+
+    def encodes_images(self, cfg) -> bool:
+        if self.disback_stage == "degradation":  # G's K-step inputs from real latents are the only encode left
+            return not cfg.cache_dir and self.num_denoising_step > 1 and not self.backward_simulation
+        return super().encodes_images(cfg)
+
+    def uses(self, cfg, bundle=None) -> dict:
+        u = super().uses(cfg, bundle)
+        u.update(disback_stage=self.disback_stage, degradation_path=self.degradation_path)
+        if self.disback_stage == "both":
+            u["degradation_steps"] = self.degradation_steps
+        if self.disback_stage != "backtracking":
+            u["degradation_interval"] = self.degradation_interval
+        if self.disback_stage != "degradation":
+            u["interval"] = self.interval
+        else:
+            for k in (*GENERATOR_KEYS, "use_fix_crop_and_size"):
+                u.pop(k, None)
+            if not self.encodes_images(cfg):
+                u.pop("vae_encode_batch_size", None)
+            if self.guidance_lr is not None:
+                u.pop("learning_rate", None)  # the generator, which alone would read it, is not trained
+        return u
 
 
 class DisBackState:
@@ -129,6 +189,20 @@ class DisBack(DMD2):
             return "guidance"  # only s_θ′ learns; the generator stays the initial one
         return phase_of(step - self.state.stage2_start, self.mcfg.dfake_gen_update_ratio)
 
+    def schedule_ticks(self, phase, step):
+        # Stage 1 is a loop of fake-score updates (one iteration each); stage 2 is DMD2's loop and clock.
+        if self.state.stage == "degradation":
+            return {"guidance": 1}
+        return super().schedule_ticks(phase, step)
+
+    def schedule_length(self, group):
+        S1 = self.stage1_steps() if self.mcfg.disback_stage != "backtracking" else 0
+        S2 = self.cfg.max_train_steps - S1
+        iters2 = iteration_of(S2 - 1, self.mcfg.dfake_gen_update_ratio) + 1 if S2 > 0 else 0
+        if group == "generator":
+            return max(iters2, 1)
+        return S1 + iters2
+
     # ---- weights of the path ----------------------------------------------------------------
     def _weights(self, adapter: str) -> dict[str, torch.Tensor]:
         """A path point: the fake score's full weights, or its LoRA delta under adapter-free key names."""
@@ -182,13 +256,13 @@ class DisBack(DMD2):
         return self.targets()[self.state.target_index] if self.state.stage == "backtracking" else None
 
     # ---- the real score is the current target -------------------------------------------------
-    def real_score(self, z, t, cond):
+    def real_score(self, z, t, cond, w=None):
         if self.current_target() is None:
-            return super().real_score(z, t, cond)
+            return super().real_score(z, t, cond, w)
         if self.lora:
             with active_adapter(self.bundle.denoiser, "target") as net:
-                return self.bundle.denoise(net, z, t, cond)
-        return self.bundle.denoise(self.target_unet, z, t, cond)
+                return self.bundle.denoise(net, z, t, cond, w)
+        return self.bundle.denoise(self.target_unet, z, t, cond, w)
 
     def loss(self, phase, batch, step):
         if self.state.stage == "degradation":
@@ -215,6 +289,7 @@ class DisBack(DMD2):
     def export(self, out_dir: Path):
         if self.mcfg.disback_stage == "degradation":
             return {"scheduler": type(self.scheduler()).__name__, "num_inference_steps": 1, "guidance_scale": 0.0,
+                    "student": False,
                     "guidance_note": f"Stage 1 only: the degradation path is in {self.path_dir} "
                                      f"({len(self.state.path)} points); run --disback_stage backtracking with "
                                      f"--degradation_path {self.path_dir} to train the generator."}

@@ -16,6 +16,13 @@ Two time scales as one phase schedule: per DMD2 iteration the reference updates 
 group, so the flattened sequence is a cycle of r + 1 steps: G at position 0, the fake score at 1..r
 (r fake-score updates per generator update, in the reference's order).
 
+Learning-rate schedules follow the reference's iteration clock: DMD2 steps both groups' schedulers
+once per iteration, whichever networks it updated, so here both advance one tick on every fake-score
+step (each ends an iteration) and none on a generator step (:func:`iteration_of`); a schedule's length
+is the run's number of iterations. The reference's schedulers, prepared by accelerate, step once per
+process each iteration (its warmup lasts ``warmup_step`` / number of GPUs iterations, as its comment
+says); here the warmup lasts ``--lr_warmup_steps`` iterations whatever the number of processes.
+
 Memory-lean option: ``--fake_score_lora_rank`` makes the fake score a LoRA over the frozen teacher's
 own weights; the real score is the same UNet with adapters disabled, so only two UNets sit in memory
 (teacher + generator) instead of three.
@@ -30,6 +37,15 @@ Flow-matching teachers run the same algorithm: timesteps are drawn as levels of 
 (:meth:`~fewstep.diffusion.schedule.Schedule.timestep`), x̂₀ comes from the predicted velocity, the fake
 score learns the flow target ε − x₀, and a K-step generator is sampled by FlowMatchLCMScheduler (x̂₀,
 then re-noised to the next σ: backward simulation's own step).
+
+Guidance-distilled teachers (``guidance_embedding == "native"``: FLUX.1-dev takes the CFG scale as an
+input) run no cond ‖ uncond batch; all three networks are copies of that architecture and each gets a
+fixed guidance input: the real score ``--real_guidance_scale`` (the guided teacher, as CFG at that scale
+would give), the fake score ``--fake_guidance_scale`` when trained and when read (default 1: the
+unguided conditional model, as DMD2's fake score runs without CFG), and the generator
+``--real_guidance_scale``, the guidance it reproduces, so the exported student is sampled with
+``guidance_scale`` = ``--real_guidance_scale`` (the pipeline passes it to that input). DisBack's path
+points are read as the real score is.
 """
 
 from __future__ import annotations
@@ -42,7 +58,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, micro_conditioning, refuse_changed, teacher_uses
 from ..diffusion.noise import batch_noise
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..diffusion.schedule import Prediction
@@ -77,6 +93,15 @@ def phase_of(step: int, ratio: int) -> str:
     return "generator" if step % (ratio + 1) == 0 else "guidance"
 
 
+def iteration_of(step: int, ratio: int) -> int:
+    """The reference iteration an optimizer step of the cycle belongs to. DMD2's iteration i updates G
+    when i % ratio == 0, then the fake score once; the cycle of ratio + 1 steps is ratio iterations: the
+    G step at position 0 and the first fake-score step share iteration c·ratio, position p ≥ 1 is
+    iteration c·ratio + p − 1."""
+    c, p = divmod(step, ratio + 1)
+    return c * ratio + max(p - 1, 0)
+
+
 def training_timesteps(num_train_timesteps: int, num_denoising_step: int, conditioning_timestep: int):
     """The generator's levels, largest first. One step: [conditioning_timestep]. K steps: the grid
     N−1, N−1−N/K, … (DMD2's ``range(N−1, 0, −N/K)``), which on a DDPM table is also what
@@ -104,16 +129,22 @@ class DMD2Config:
     fake_score_lora_rank: int | None = None  # fake score as a LoRA of this rank over the teacher's weights
     fake_score_lora_alpha: float | None = None  # its LoRA α (default: rank)
     fake_score_lora_target_modules: list[str] | None = None  # default: the family's LoRA targets
-    gen_cls_loss_weight: float = 0.0  # generator GAN loss softplus(−D(fake)) weight (DMD2: 5e-3)
-    guidance_cls_loss_weight: float = 0.0  # discriminator loss weight (DMD2: 1e-2); needs real images
-    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: alone, it sets the two weights above to DMD2's
+    gen_cls_loss_weight: float | None = None  # generator GAN loss softplus(−D(fake)) weight (default 0; DMD2: 5e-3)
+    guidance_cls_loss_weight: float | None = None  # discriminator loss weight (default 0; DMD2: 1e-2); needs real images
+    cls_on_clean_image: bool = False  # DMD2's switch of the GAN head: the two weights above default to DMD2's
     diffusion_gan: bool = True  # re-noise GAN inputs at t ~ U[0, diffusion_gan_max_timestep)
     diffusion_gan_max_timestep: int = 1000
     regression_loss_weight: float = 0.0  # latent MSE of G(noise) to the teacher image made from that noise
 
     def __post_init__(self):
-        if self.cls_on_clean_image and self.gen_cls_loss_weight == 0 and self.guidance_cls_loss_weight == 0:
-            self.gen_cls_loss_weight, self.guidance_cls_loss_weight = 5e-3, 1e-2  # DMD2's SD / SDXL values
+        # Each weight not given: DMD2's SDXL value under --cls_on_clean_image, else 0 (no GAN term); so the
+        # switch also completes a recipe that gives only one of them. With both given it changes nothing.
+        self._cls_switch_unused = (self.cls_on_clean_image and self.gen_cls_loss_weight is not None
+                                   and self.guidance_cls_loss_weight is not None)
+        if self.gen_cls_loss_weight is None:
+            self.gen_cls_loss_weight = 5e-3 if self.cls_on_clean_image else 0.0
+        if self.guidance_cls_loss_weight is None:
+            self.guidance_cls_loss_weight = 1e-2 if self.cls_on_clean_image else 0.0
 
     @property
     def gan(self) -> bool:
@@ -141,6 +172,63 @@ class DMD2Config:
             raise ConfigError("loss weights must be >= 0")
         if self.diffusion_gan_max_timestep < 1:
             raise ConfigError("--diffusion_gan_max_timestep must be >= 1")
+        # options that would change nothing with these settings
+        if getattr(self, "_cls_switch_unused", False):
+            raise ConfigError("--cls_on_clean_image has no effect with both --gen_cls_loss_weight and "
+                              "--guidance_cls_loss_weight given (they turn the GAN head on, with those weights): drop it")
+        if self.fake_score_lora_rank is None:
+            refuse_changed(self, ("fake_score_lora_alpha", "fake_score_lora_target_modules"), "without "
+                           "--fake_score_lora_rank (they configure the LoRA fake score): add --fake_score_lora_rank R, "
+                           "or drop them")
+        if self.dm_loss_weight == 0:
+            refuse_changed(self, ("real_guidance_scale", "fake_guidance_scale", "min_step_percent", "max_step_percent"),
+                           "with --dm_loss_weight 0 (they configure the distribution-matching loss): drop them")
+        if not self.gan:
+            refuse_changed(self, ("diffusion_gan", "diffusion_gan_max_timestep"), "without the GAN head: set "
+                           "--gen_cls_loss_weight / --guidance_cls_loss_weight (or --cls_on_clean_image), or drop them")
+        elif not self.diffusion_gan:
+            refuse_changed(self, ("diffusion_gan_max_timestep",), "with --diffusion_gan false: drop it")
+
+    def encodes_images(self, cfg) -> bool:
+        """Whether a step VAE-encodes data images: real latents for K-step inputs, the discriminator's
+        real images, regression targets (a one-step generator alone needs the captions only)."""
+        return not cfg.cache_dir and ((self.num_denoising_step > 1 and not self.backward_simulation)
+                                      or self.guidance_cls_loss_weight > 0 or self.regression_loss_weight > 0)
+
+    def validate_run(self, cfg):
+        if self.generator_lr is not None and self.guidance_lr is not None:
+            refuse_changed(cfg, ("learning_rate",), "with both --generator_lr and --guidance_lr given: drop it")
+        if self.fake_score_lora_rank is not None and cfg.cast_teacher_unet:
+            raise ConfigError("--cast_teacher_unet has no effect with --fake_score_lora_rank: the teacher's weights, "
+                              "the fake score's base, are always held in the mixed-precision dtype; drop it")
+        if self.guidance_cls_loss_weight == 0:
+            refuse_changed(cfg, ("use_fix_crop_and_size",), "for this DMD2 run: the generator is conditioned on the "
+                           "training resolution, only the discriminator's real images (--guidance_cls_loss_weight > "
+                           "0) carry their own size and crop; drop it")
+        if not self.encodes_images(cfg) and not cfg.cache_dir:
+            refuse_changed(cfg, ("vae_encode_batch_size",), "for this DMD2 run, which encodes no image (a one-step "
+                           "generator without the GAN's discriminator or the regression loss needs captions only)")
+        if not cfg.validation_steps:
+            refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["dfake_gen_update_ratio", "generator_lr", "guidance_lr", "num_denoising_step", "dm_loss_weight",
+                "fake_score_lora_rank", "gen_cls_loss_weight", "guidance_cls_loss_weight", "regression_loss_weight",
+                "proportion_empty_prompts"]  # (--cls_on_clean_image acts through the two weights)
+        keys += ["conditioning_timestep"] if self.num_denoising_step == 1 else ["backward_simulation"]
+        keys += (["real_guidance_scale", "fake_guidance_scale", "min_step_percent", "max_step_percent"]
+                 if self.dm_loss_weight > 0 else [])
+        keys += ["fake_score_lora_alpha", "fake_score_lora_target_modules"] if self.fake_score_lora_rank else []
+        keys += ["cast_teacher_unet"] if self.fake_score_lora_rank is None else []
+        keys += ["diffusion_gan"] if self.gan else []
+        keys += ["diffusion_gan_max_timestep"] if self.gan and self.diffusion_gan else []
+        keys += ["learning_rate"] if self.generator_lr is None or self.guidance_lr is None else []
+        keys += ["vae_encode_batch_size"] if self.encodes_images(cfg) else []
+        keys += ["validation_guidance_scale"] if cfg.validation_steps else []
+        if self.guidance_cls_loss_weight > 0 and micro_conditioning(bundle) is not False:
+            keys += ["use_fix_crop_and_size"]  # the discriminator's real images carry their size ids
+        return {**teacher_uses(cfg), **{k: getattr(self if hasattr(self, k) else cfg, k) for k in keys}}
 
 
 class ClassifierHead(torch.nn.Module):
@@ -193,14 +281,13 @@ class FakeScore(torch.nn.Module):
         out = self.unet(*args, **kwargs)
         if not self._classify:
             return out
-        return _Logits(self.cls_head(self._feat))
+        return _Logits((self.cls_head(self._feat),))
 
 
 class _Logits(tuple):
-    """The head's output where the bundle expects the denoiser's output (``.sample``, or ``[0]``)."""
-
-    def __new__(cls, value):
-        return super().__new__(cls, (value,))
+    """The head's output where the bundle expects the denoiser's output (``.sample``, or ``[0]``): built
+    as ``_Logits((logits,))``, a plain tuple's constructor, because under mixed precision accelerate's
+    fp32 output conversion rebuilds it as ``type(out)(converted elements)``."""
 
     @property
     def sample(self):
@@ -211,6 +298,12 @@ class _Logits(tuple):
 class DMD2(Method):
     name = "dmd2"
     Config = DMD2Config
+    resume_keys = ("fake_score_lora_rank", "fake_score_lora_target_modules")
+
+    @classmethod
+    def memory_hints(cls, cfg, mcfg):
+        on = " (already on)" if mcfg.fake_score_lora_rank is not None else ""
+        return [f"--fake_score_lora_rank 64{on} (the fake score as a LoRA over the teacher: one UNet less)"]
 
     @classmethod
     def check_setup(cls, cfg, mcfg, bundle) -> None:
@@ -239,6 +332,7 @@ class DMD2(Method):
         wdt = weight_dtype_of(cfg.mixed_precision)
         dev = accelerator.device
         self.lora = mcfg.fake_score_lora_rank is not None
+        self.native = bundle.guidance_embedding == "native"
         # Trainable copies first, from the fp32 teacher weights, before the teacher is cast.
         self.generator = bundle.new_denoiser()
         fake_net = None if self.lora else bundle.new_denoiser()
@@ -278,6 +372,13 @@ class DMD2(Method):
     def phase(self, step):
         return phase_of(step, self.mcfg.dfake_gen_update_ratio)
 
+    def schedule_ticks(self, phase, step):
+        # An iteration ends with its fake-score update: both schedules advance then (see the module doc).
+        return {} if phase == "generator" else {"generator": 1, "guidance": 1}
+
+    def schedule_length(self, group):
+        return iteration_of(self.cfg.max_train_steps - 1, self.mcfg.dfake_gen_update_ratio) + 1
+
     # ---- networks --------------------------------------------------------------------------
     def _guidance(self) -> FakeScore:
         return self.accelerator.unwrap_model(self.guidance)
@@ -294,20 +395,37 @@ class DMD2(Method):
         levels = torch.tensor(training_timesteps(self.N, K, conditioning_level))
         return self.schedule.timestep(levels).tolist()
 
-    def real_score(self, z, t, cond):
-        """Raw output of the real score: the teacher (the shared network with adapters off, for LoRA)."""
+    def real_score(self, z, t, cond, w=None):
+        """Raw output of the real score: the teacher (the shared network with adapters off, for LoRA);
+        ``w``: the guidance input of a guidance-distilled teacher."""
         if self.lora:
             with adapters_disabled(self.bundle.denoiser) as base:
-                return self.bundle.denoise(base, z, t, cond)
-        return self.bundle.denoise(self.bundle.denoiser, z, t, cond)
+                return self.bundle.denoise(base, z, t, cond, w)
+        return self.bundle.denoise(self.bundle.denoiser, z, t, cond, w)
 
     def fake_score(self, z, t, cond, net=None):
-        return self.bundle.denoise(net if net is not None else self._guidance(), z, t, cond)
+        return self.bundle.denoise(net if net is not None else self._guidance(), z, t, cond, self._g_fake(z))
+
+    def _g(self, scale, z):
+        """The guidance input at CFG scale ``scale`` for a batch like ``z``, for guidance-distilled
+        architectures (None otherwise: they run CFG over a batch instead)."""
+        if not self.native:
+            return None
+        return torch.full((z.shape[0],), self.bundle.guidance_input(scale), device=z.device)
+
+    def _g_fake(self, z):
+        return self._g(self.mcfg.fake_guidance_scale, z)
+
+    def _g_gen(self, z):
+        return self._g(self.mcfg.real_guidance_scale, z)
 
     def _guided_x0(self, score, z, t, cond, scale):
         """x̂₀ under classifier-free guidance x̂₀_u + s (x̂₀_c − x̂₀_u), as the family's pipeline guides
-        (:meth:`~fewstep.models.base.ModelBundle.guide_prediction`): cond and uncond in one batch."""
+        (:meth:`~fewstep.models.base.ModelBundle.guide_prediction`): cond and uncond in one batch (a
+        guidance-distilled architecture reads it at guidance input s instead)."""
         sch, B = self.schedule, z.shape[0]
+        if self.native:
+            return sch.to_x0_eps(score(z, t, cond, self._g(scale, z)), z, t)[0]
         if scale == 1.0:
             return sch.to_x0_eps(score(z, t, cond), z, t)[0]
         zz, tt = torch.cat([z, z]), torch.cat([t, t])
@@ -328,7 +446,7 @@ class DMD2(Method):
         return self.bundle.cond_from_text(text, self._size())
 
     def _generate_x0(self, gen, z, t, cond):
-        return self.bundle.predict(gen, z, t, cond, schedule=self.schedule).x0
+        return self.bundle.predict(gen, z, t, cond, self._g_gen(z), schedule=self.schedule).x0
 
     def generator_input(self, batch, cond, B):
         """(z, t) the generator is trained on, ALGORITHMS.md §5: one step, pure noise at the conditioning
@@ -380,8 +498,8 @@ class DMD2(Method):
             x_t = sch.add_noise(x.detach(), torch.randn_like(x), t)
             with torch.no_grad():
                 fake = self._guidance()
-                x0_fake = self._guided_x0(lambda a, b, c: self.fake_score(a, b, c, fake), x_t, t, cond,
-                                          m.fake_guidance_scale)
+                x0_fake = self._guided_x0(lambda a, b, c, w=None: self.bundle.denoise(fake, a, b, c, w), x_t, t,
+                                          cond, m.fake_guidance_scale)
                 x0_real = self._real_x0(x_t, t, cond)
             l_dm, g = dm_loss(x, x0_real, x0_fake)
             loss = loss + m.dm_loss_weight * l_dm
@@ -422,7 +540,7 @@ class DMD2(Method):
             t = sch.timestep(torch.full((B,), -1, device=x.device))  # the clean end (t = 0)
 
         with self._guidance().classifying():
-            return self.bundle.denoise(net, x, t, cond)
+            return self.bundle.denoise(net, x, t, cond, self._g_fake(x))
 
     @torch.no_grad()
     def generate(self, batch, cond, B):
@@ -467,27 +585,49 @@ class DMD2(Method):
             return None
         sched = self.scheduler(num_inference_steps)
         res = self.cfg.resolution
-        sched.set_timesteps(num_inference_steps, **self.bundle.timestep_kwargs(res, res, None, num_inference_steps))
+        # (the grid the family's pipeline would sample: FLUX and Qwen-Image pass their own sigmas)
+        sched.set_timesteps(num_inference_steps, **self.bundle.timestep_kwargs(
+            res, res, num_inference_steps=num_inference_steps, scheduler=sched))
         own = sched.timesteps.tolist()
         if all(abs(a - b) < 1e-3 for a, b in zip(own, self.timesteps)):
             return None
         return list(self.timesteps)
 
+    def trained_steps(self):
+        # LCMScheduler(original_inference_steps=K) runs n <= K steps on a subset of the K training timesteps
+        # (and raises for more); a one-step generator runs one step only.
+        return (1, self.mcfg.num_denoising_step)
+
     def sample(self, prompts, seeds, num_inference_steps, guidance_scale):
         res = self.cfg.resolution
         with self.accelerator.autocast():
             return sample_images(self.bundle, self._gen(), self.scheduler(num_inference_steps),
-                                 prompts, seeds, num_inference_steps, guidance_scale or 0.0, res, res,
-                                 timesteps=self.sampling_timesteps(num_inference_steps))
+                                 prompts, seeds, num_inference_steps, guidance_scale or self.default_guidance(),
+                                 res, res, timesteps=self.sampling_timesteps(num_inference_steps))
+
+    def default_guidance(self) -> float:
+        # CFG is distilled in: no CFG batch (0). A guidance-distilled generator keeps its guidance input at
+        # the scale it was trained with.
+        return self.mcfg.real_guidance_scale if self.native else 0.0
 
     def export(self, out_dir: Path):
         K = self.mcfg.num_denoising_step
         export_pipeline(self.bundle, self._gen(), self.scheduler(), out_dir,
                         vae_override=self.cfg.pretrained_vae_model_name_or_path)
         name = type(self.scheduler()).__name__
-        facts = {"scheduler": name, "num_inference_steps": K, "guidance_scale": 0.0,
-                 "guidance_note": f"Trained at timesteps {_rounded(self.timesteps)}; guidance is distilled in, "
-                                  "sample with guidance_scale 0 (no CFG batch)."}
+        grid = (f"Trained at timesteps {_rounded(self.timesteps)}"
+                + (f" (fewer steps sample the scheduler's own grid for that count; {name} "
+                   f"is not trained for more than {K})" if K > 1 else ""))
+        facts = {"scheduler": name, "num_inference_steps": K, "valid_steps": self.trained_steps(),
+                 "guidance_scale": 0.0,
+                 "guidance_note": grid + "; guidance is distilled in, sample with guidance_scale 0 (no CFG batch)."}
+        if self.native:
+            g = self.mcfg.real_guidance_scale
+            facts["guidance_scale"] = g
+            facts["guidance_note"] = (f"{grid}. The generator keeps the transformer's guidance input and was "
+                                      f"trained with it at {g:g} (the teacher's guidance it reproduces): sample "
+                                      f"with guidance_scale {g:g}, which the pipeline passes to that input (no "
+                                      "CFG batch).")
         ts = self.sampling_timesteps(K)
         if ts:
             res = self.cfg.resolution

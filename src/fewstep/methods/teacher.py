@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, refuse_changed
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..models.bundle import arch_presets, frozen_copy, new_bundle, weight_dtype_of
 from ..training.ema import ema_update
@@ -63,6 +63,40 @@ class TeacherConfig:
             raise ConfigError("--teacher_ema_decay must be in [0, 1)")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError("--caption_dropout must be in [0, 1)")
+        if self.vae_steps == 0:
+            refuse_changed(self, ("vae_learning_rate", "vae_kl_weight"), "without a VAE phase (--vae_train_steps 0 "
+                           "or --teacher_vae): drop them")
+
+    def validate_run(self, cfg):
+        if self.vae_steps >= cfg.max_train_steps:
+            raise ConfigError(f"--vae_train_steps {self.vae_steps} leaves no denoiser steps in --max_train_steps "
+                              f"{cfg.max_train_steps}: the denoiser (and --learning_rate) would never train; raise "
+                              "--max_train_steps")
+        # A teacher is trained from scratch on pixels: the options of a given teacher and of latent data
+        # do not apply (--teacher_vae is how a trained VAE is reused).
+        if cfg.cache_dir and not self.teacher_vae:
+            raise ConfigError("--cache_dir holds the latents of a trained VAE: give the teacher folder that made the "
+                              "cache as --teacher_vae (the VAE is then reused), or train from images")
+        refuse_changed(cfg, ("pretrained_teacher_model", "teacher_revision", "pretrained_vae_model_name_or_path",
+                             "cast_teacher_unet"),
+                       "for --method teacher, which trains its own denoiser from scratch on images (a trained VAE: "
+                       "--teacher_vae): drop them")
+        refuse_changed(cfg, ("proportion_empty_prompts",), "for --method teacher: its caption dropout is "
+                       "--caption_dropout (default 0.1); use that")
+        refuse_changed(cfg, ("use_fix_crop_and_size",), "for --method teacher: its presets take no size or crop "
+                       "conditioning; drop it")
+        refuse_changed(cfg, ("vae_encode_batch_size",), "for --method teacher: the whole batch is encoded as the VAE "
+                       "trains on it; drop it")
+        if not cfg.validation_steps:
+            refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
+
+    def uses(self, cfg, bundle=None) -> dict:
+        """The keys this run uses (config.used_settings)."""
+        keys = ["teacher_preset", "prediction_type", "teacher_vae", "vae_train_steps", "teacher_ema_decay",
+                "caption_dropout", "teacher_guidance_scale", "teacher_inference_steps", "learning_rate"]
+        keys += ["vae_learning_rate", "vae_kl_weight"] if self.vae_steps > 0 else []
+        keys += ["validation_guidance_scale"] if cfg.validation_steps else []
+        return {k: getattr(self if hasattr(self, k) else cfg, k) for k in keys}
 
 
 class VAEObjective(torch.nn.Module):
@@ -93,6 +127,10 @@ class Teacher(Method):
 
     @classmethod
     def make_bundle(cls, cfg, mcfg):
+        if cfg.cache_dir:  # latents of the reused VAE, made with `fewstep cache --pretrained_teacher_model <it>`
+            from ..data.cache import check_cache
+
+            check_cache(cfg, mcfg.teacher_vae, "teacher_vae")
         return new_bundle(mcfg.teacher_preset, Path(cfg.output_dir) / "tokenizer", cfg.seed, mcfg.prediction_type,
                           vae_from=mcfg.teacher_vae)
 
@@ -140,18 +178,25 @@ class Teacher(Method):
         return "vae" if step < self.mcfg.vae_steps else "unet"
 
     def loss(self, phase, batch, step):
-        x = batch["pixel_values"].to(self.accelerator.device)
         if phase == "vae":
+            x = batch["pixel_values"].to(self.accelerator.device)
             rec, kl = self.vae(x)
             recon = F.mse_loss(rec.float(), x.float())
             kl = kl.mean() / x[0].numel()
             loss = recon + self.mcfg.vae_kl_weight * kl
             return StepOutput(loss, {"loss": loss.detach(), "vae/recon_mse": recon.detach(), "vae/kl": kl.detach()})
-        if float(self.scale.value) == 0.0:
-            self._measure_scale(x)
         sch = self.bundle.schedule
-        with torch.no_grad():
-            x0 = self.bundle.vae.encode(x.to(self.bundle.vae.dtype)).latent_dist.sample().float() * self.scale.value
+        if "cached_moments" in batch:  # a reused VAE's posterior from `fewstep cache`, scaled as below
+            x0 = self.bundle.latents_from_moments(batch["cached_moments"])
+        else:
+            x = batch["pixel_values"].to(self.accelerator.device)
+            if float(self.scale.value) == 0.0:
+                self._measure_scale(x)
+            with torch.no_grad():
+                # contiguous: the CPU VAE returns channels-last latents, and torch.randn_like would then draw
+                # other noise than for the same latents from a cache (as in ModelBundle.encode_images)
+                x0 = self.bundle.vae.encode(x.to(self.bundle.vae.dtype)).latent_dist.sample().float().contiguous() \
+                    * self.scale.value
         captions = list(batch["caption"])
         drop = torch.rand(len(captions)) < self.mcfg.caption_dropout
         cond = self.bundle.encode_text(["" if d else c for c, d in zip(captions, drop.tolist())])
@@ -187,10 +232,18 @@ class Teacher(Method):
     def export(self, out_dir: Path):
         import diffusers
 
+        from ..export import upcast_half_weights
+
         self.bundle.vae.register_to_config(scaling_factor=float(self.scale.value))
         b = self.bundle
         name = b.scheduler_config["_class_name"]  # the teacher's own sampler (DDIM / flow Euler)
         b.pipeline(self._denoiser(), getattr(diffusers, name).from_config(b.scheduler_config)).save_pretrained(out_dir)
+        # The text encoders ran (frozen) in the mixed-precision dtype; stored in fp32 the folder loads in one
+        # dtype in vanilla diffusers (see upcast_half_weights).
+        for part in b.text_parts:
+            if (Path(out_dir) / part).is_dir():
+                upcast_half_weights(Path(out_dir) / part)
         return {"scheduler": name, "num_inference_steps": self.mcfg.teacher_inference_steps,
-                "guidance_scale": self.mcfg.teacher_guidance_scale,
+                "valid_steps": (1, b.schedule.num_train_timesteps), "guidance_scale": self.mcfg.teacher_guidance_scale,
+                "title": "Text-to-image teacher trained from scratch with fewstep",
                 "guidance_note": "A teacher: sample it with many steps and classifier-free guidance."}

@@ -27,7 +27,8 @@ from .base import (  # noqa: F401  (the names methods and commands import)
 
 # Family modules of this package, each with one ModelBundle subclass, tried in this order (the more
 # specific pipelines first: an SDXL folder also has a "unet").
-FAMILIES = [("sd3", "SD3Bundle"), ("qwenimage", "QwenImageBundle"), ("sdxl", "SDXLBundle"), ("sd", "SDBundle")]
+FAMILIES = [("sd3", "SD3Bundle"), ("flux", "FluxBundle"), ("qwenimage", "QwenImageBundle"), ("sdxl", "SDXLBundle"),
+            ("sd", "SDBundle")]
 
 
 def family_classes() -> list[type[ModelBundle]]:

@@ -19,7 +19,7 @@ Where Qwen-Image differs from the other flow transformers, and how this module k
   inputs the pipeline builds.
 - **Timesteps.** The transformer takes σ = timestep / 1000. The scheduler shifts by resolution
   (``use_dynamic_shifting``: μ linear in the packed sequence length, :meth:`shift_mu`); the pipeline
-  samples K steps on its own grid σ = linspace(1, 1/K, K) (:meth:`timestep_kwargs`), which the
+  samples K steps on its own grid σ = linspace(1, 1/K, K) (:meth:`default_sigmas`), which the
   scheduler then shifts and stretches so the last σ is ``shift_terminal`` (0.02).
 - **True CFG.** The pipeline guides with a negative prompt at ``true_cfg_scale`` and rescales the
   guided velocity of every token to the norm of the conditional one (:meth:`guide`):
@@ -74,6 +74,7 @@ class QwenImageBundle(ModelBundle):
     guidance_embedding = None
     step_generator = False  # the pipeline calls scheduler.step without its generator
     cfg_batch = False
+    pipeline_guidance_scale = False  # true_cfg_scale (guidance_call_kwargs); guidance_scale only warns here
     negative_prompt = ""
 
     # The text condition's fixed length: the pipeline's max_sequence_length (512 by default; a folder trained
@@ -280,14 +281,18 @@ class QwenImageBundle(ModelBundle):
         # The rescaling is not linear: guide the velocity, then read x̂₀ and ε̂ off the guided one.
         return (schedule or self.schedule).predict(self.guide(cond.raw, uncond.raw, scale, w=w), z, t)
 
-    def guidance_call_kwargs(self, scale: float) -> dict:
-        if scale > 1:
-            return {"negative_prompt": self.negative_prompt, "true_cfg_scale": scale}
+    def guidance_call_kwargs(self, guidance_scale) -> dict:
+        # The whole CFG of the call (the card passes no guidance_scale: pipeline_guidance_scale).
+        if guidance_scale is not None and guidance_scale > 1:
+            return {"negative_prompt": self.negative_prompt, "true_cfg_scale": guidance_scale}
         return {"true_cfg_scale": 1.0}  # (the pipeline's default 4.0 only warns without a negative prompt)
 
     # ---- schedules ------------------------------------------------------------------------------
-    def latent_layout(self):
-        return pack, lambda x, shape: unpack(x, shape[-2], shape[-1])  # the pipeline steps packed latents
+    def pipeline_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return pack(z)  # the pipeline steps its scheduler on packed latents
+
+    def model_latents(self, z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return unpack(z, height // self.vae_scale, width // self.vae_scale)
 
     def shift_mu(self, height: int, width: int) -> float | None:
         """QwenImagePipeline's μ: linear in the packed image sequence length, from base_shift at
@@ -300,14 +305,13 @@ class QwenImageBundle(ModelBundle):
         b = base_shift - m * base_len
         return seq * m + b
 
-    def timestep_kwargs(self, height, width, timesteps=None, num_inference_steps=None) -> dict:
-        kw = super().timestep_kwargs(height, width, timesteps)
-        if timesteps is None and num_inference_steps:
-            import numpy as np
+    def default_sigmas(self, num_inference_steps: int, scheduler=None) -> list[float] | None:
+        import numpy as np
 
-            # The pipeline's own grid (not the scheduler's default one, which ends at σ = 1/1000)
-            kw["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
-        return kw
+        if scheduler is not None and getattr(scheduler.config, "use_flow_sigmas", False):
+            return None  # a scheduler on flow sigmas (DPM-Solver) makes its own grid and takes none
+        # The pipeline's own grid (not the scheduler's default one, which ends at σ = 1/1000)
+        return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
 
     # ---- LoRA -----------------------------------------------------------------------------------
     def lora_layouts(self, peft_state_dict, alpha) -> dict[str, dict]:

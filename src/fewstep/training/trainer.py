@@ -20,19 +20,33 @@ import torch
 from ..config import ConfigError, RunSpec
 from ..data import build_dataset, collate
 from ..export import write_model_card
+from ..logs import quiet_libraries
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
 from .checkpoint import (
+    TRAINER_RESUME_KEYS,
+    CheckpointError,
     ResumeMismatch,
+    agree,
     check_resume_settings,
-    fault_point,
-    list_checkpoints,
+    checkpoint_bytes,
+    clear_previous_run,
+    load_checkpoint,
     recover,
     resolve_resume,
+    run_info,
     save_checkpoint,
+    write_state,
 )
-from .speed import check_compile, speed_setup
+from .preflight import apply_text_length, check_run, check_teacher, wandb_reachable
+from .speed import speed_setup
 
 log = logging.getLogger("fewstep")
+
+
+# Optimizer group settings a restored checkpoint would override, by the option that sets them.
+_HYPER = {"initial_lr": "learning rate (--learning_rate or the method's own)", "betas": "betas (--adam_beta1/2)",
+          "eps": "--adam_epsilon", "weight_decay": "--adam_weight_decay", "fused": "--adam_impl (fused)",
+          "foreach": "--adam_impl (foreach)"}
 
 
 class TrainState:
@@ -42,23 +56,37 @@ class TrainState:
         self.step, self.epoch, self.batch_in_epoch, self.nan_steps, self.skipped = 0, 0, 0, 0, {}
         self.samples_seen, self.bad_example = 0, None
         self.nonfinite = {"loss": 0, "grad": 0}  # skipped steps by cause, over the whole run
+        # Optimizer steps that were not skipped, and the last of them: an export needs at least one, and
+        # "the last good checkpoint" is one written right after such a step.
+        self.good_steps, self.last_good_step = 0, 0
+        # Samples the optimizer steps trained on (all ranks, all micro-batches) and the last step's batch:
+        # the effective batch, which the log shows per step.
+        self.samples_trained, self.last_batch = 0, 0
         # Streamed data: items of the current epoch consumed per rank and loader worker, so a resumed
         # run continues each worker's stream exactly (see data/stream.py).
         self.stream_pos: dict[int, dict[int, int]] = {}
 
     def state_dict(self):
-        fault_point("save_state", self.step)  # tests: a kill after accelerate wrote models and optimizers
         return dict(vars(self))
 
     def load_state_dict(self, d):
         vars(self).update(d)
+        if "good_steps" not in d:  # a checkpoint from before these counters: derived from the others
+            self.good_steps = max(0, self.step - sum(self.nonfinite.values()))
+            self.last_good_step = self.step if self.nan_steps == 0 else 0
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
+    """SIGTERM/SIGINT: the first sets a flag, which the per-step all-reduce carries to every rank; all
+    ranks then save one checkpoint at the same step boundary and exit with 128 + the signal number. A
+    second signal changes nothing (the save it might interrupt is what the user wants kept); a third
+    aborts without saving (the atomic save leaves the previous checkpoint intact)."""
+
+    ABORT_AFTER = 3
 
     def __init__(self):
         self.signum = None
+        self.count = 0
         self._old = {}
 
     def __enter__(self):
@@ -70,10 +98,25 @@ class StopRequested:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
+        self.count += 1
+        if self.count >= self.ABORT_AFTER:
+            # Die of the signal itself, as without a handler: no traceback, no half-written checkpoint
+            # under a final name (a save in progress stays a temporary folder that the next start removes).
+            log.warning("signal %s received a third time: aborting without saving", signum)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.signum is not None:
+            log.warning("signal %s received again: the checkpoint is still written at the end of this step "
+                        "(a third signal aborts without saving)", signum)
+            return
         self.signum = signum
         log.warning("signal %s received: finishing this step, saving a checkpoint, then exiting", signum)
+
+    def code(self) -> tuple[float, float]:
+        """(SIGTERM seen, SIGINT or another signal seen) for the all-reduce."""
+        return (1.0 if self.signum == signal.SIGTERM else 0.0,
+                1.0 if self.signum is not None and self.signum != signal.SIGTERM else 0.0)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -105,7 +148,7 @@ def make_optimizer(cfg, params, lr):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install 'fewstep[8bit]' (CUDA only)") from None
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install 'fewstep[8bit]' (CUDA only)") from None
         cls = bnb.optim.AdamW8bit
         kw = {}
     else:
@@ -115,6 +158,47 @@ def make_optimizer(cfg, params, lr):
         kw = {"fused": True} if fused else {"foreach": True}
     return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                eps=cfg.adam_epsilon, **kw)
+
+
+def validation_rows(requested: list[int], trained: tuple[int, int] | None) -> list[int]:
+    """The step counts of a validation grid: each requested one clamped into the range the student is
+    trained for (``Method.trained_steps``), duplicates dropped, so no row shows sampling it never saw."""
+    if trained is None:
+        return list(requested)
+    lo, hi = trained
+    return list(dict.fromkeys(min(max(n, lo), hi) for n in requested))
+
+
+def check_finite_weights(bundle, *extra_roots) -> None:
+    """Refuse a teacher with a NaN/inf weight, naming the file it came from: every step of such a run
+    would be skipped (or train towards NaN), so it is caught when the teacher loads, not at step 1."""
+    for attr, module in bundle.modules().items():
+        for name, t in module.named_parameters():  # (buffers may hold -inf masks on purpose)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                n = int((~torch.isfinite(t)).sum())
+                roots = [Path(bundle.root) / attr, Path(bundle.root)] if getattr(bundle, "root", None) else []
+                where = _weight_file(name, [*roots, *[Path(r) for r in extra_roots if r]])
+                raise ConfigError(
+                    f"the teacher's {attr} holds {n} non-finite value(s) (NaN/inf) in {name!r}"
+                    f"{f', read from {where}' if where else ''}: a damaged or wrongly converted weight file. "
+                    "Re-download or re-convert it; training on it would only skip steps or learn NaN")
+
+
+def _weight_file(key: str, roots: list[Path]) -> Path | None:
+    """The weights file under ``roots`` whose tensor ``key`` is not finite (only run on failure)."""
+    from safetensors import safe_open
+
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for f in sorted(root.rglob("*.safetensors")):
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    if key in st.keys() and not bool(torch.isfinite(st.get_tensor(key).float()).all()):
+                        return f
+            except Exception:  # noqa: BLE001 - not a readable weights file: look further
+                continue
+    return None
 
 
 def image_grid(rows: list[torch.Tensor]) -> np.ndarray:
@@ -134,11 +218,19 @@ def build_accelerator(cfg, out: Path):
     # The distributed PartialState (ranks, process group) is kept.
     AcceleratorState._reset_state()
     log_with = None if cfg.report_to == "none" else cfg.report_to
-    if log_with == "wandb":
+    if log_with in ("wandb", "all"):
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise SystemExit("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
+            raise ConfigError("--report_to wandb needs wandb: pip install 'fewstep[wandb]'") from None
+        if not os.environ.get("WANDB_MODE") and not wandb_reachable():
+            # No network: wandb's offline mode writes the run under OUT/logs/wandb for `wandb sync` later.
+            os.environ["WANDB_MODE"] = "offline"
+            print(f"wandb: the server cannot be reached; logging offline to {out / cfg.logging_dir}/wandb (upload "
+                  f"later with `wandb sync {out / cfg.logging_dir}/wandb/offline-run-*`)", file=sys.stderr)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.find_unused_parameters else []
     acc = Accelerator(
         # On a machine without CUDA, cpu=True lets several processes started by torchrun form a gloo
         # process group (MULTI_CPU); without it each would run alone and all would write OUT.
@@ -148,6 +240,7 @@ def build_accelerator(cfg, out: Path):
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        kwargs_handlers=handlers,
     )
     from accelerate.utils import DistributedType
 
@@ -166,11 +259,21 @@ class Trainer:
 
         self.spec, cfg = spec, spec.train
         self.cfg = cfg
+        # What the run would refuse, before anything is loaded or written (the same checks as --dry_run).
+        self.preflight = check_run(spec, order=lambda n, seed: iter(EpochSampler(n, seed)))
+        self.resume_hint = "the same command plus --resume_from_checkpoint latest"  # (the demo says its own)
+        self.on_save: list = []  # callbacks (step, training seconds so far, checkpoint path), main process
+        import uuid
+
+        # Which run this is (a resume continues the run it loads: rotation removes only this run's checkpoints),
+        # and the wall-clock spent in its training loop (steps and data; not validation, saving, loading).
+        self.run_id, self.train_seconds = uuid.uuid4().hex, 0.0
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.acc = acc = build_accelerator(cfg, self.out)
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        quiet_libraries()  # accelerate logs ~8 INFO lines per checkpoint; fewstep writes one
         set_seed(cfg.seed, device_specific=True)  # a different noise stream per rank
         if torch.cuda.is_available():
             # Training shapes are fixed (one resolution, one batch size): autotuning pays once.
@@ -179,17 +282,15 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        method_cls = spec.method_cls
-        check_compile(cfg, acc.device.type)  # before any weight loads
-        if bundle is None:
-            method_cls.preflight(cfg, spec.method)  # settings × the teacher's configs, before its weights load
+        self.method_cls = method_cls = spec.method_cls
+        if bundle is None:  # settings × the teacher's configs, before its weights load
+            check_teacher(spec, method_cls.preflight(cfg, spec.method))
         self.bundle = bundle or method_cls.make_bundle(cfg, spec.method)
-        if cfg.enable_xformers_memory_efficient_attention:
-            try:
-                import xformers  # noqa: F401
-            except ImportError:
-                raise SystemExit("--enable_xformers_memory_efficient_attention needs xformers "
-                                 "(pip install xformers); without it PyTorch SDPA is used") from None
+        check_teacher(spec, self.bundle)
+        apply_text_length(cfg, self.bundle)
+        if method_cls.needs_teacher and bundle is None:
+            check_finite_weights(self.bundle, cfg.pretrained_vae_model_name_or_path)
+        if cfg.enable_xformers_memory_efficient_attention:  # (the package was checked before any model loaded)
             self.bundle.denoiser.enable_xformers_memory_efficient_attention()
 
         # The method moves and casts what it holds frozen; trainables stay fp32 (autocast does the rest).
@@ -208,12 +309,16 @@ class Trainer:
             params = g.params or [p for p in g.module.parameters() if p.requires_grad]
             self.params[name] = params
             self.opts[name] = make_optimizer(cfg, params, g.lr or cfg.learning_rate)
-            # accelerate steps a prepared scheduler once per process, hence the num_processes factor.
-            self.scheds[name] = get_scheduler(cfg.lr_scheduler, self.opts[name],
-                                              num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
-                                              num_training_steps=cfg.max_train_steps * acc.num_processes)
+            # ---- learning-rate schedules: each group's runs on the clock its method declares
+            # (Method.schedule_ticks / schedule_length, e.g. DMD2's iterations); see _tick_schedules.
+            self.scheds[name] = get_scheduler(cfg.lr_scheduler, self.opts[name], num_warmup_steps=cfg.lr_warmup_steps,
+                                              num_training_steps=self.method.schedule_length(name))
 
         self.dataset = build_dataset(cfg)
+        # Bad samples are replaced (map-style) or passed over (streams), so batches keep their size.
+        for flag in ("replace_bad", "carry_bad"):
+            if hasattr(self.dataset, flag):
+                setattr(self.dataset, flag, True)
         if hasattr(self.dataset, "set_rank"):
             self.dataset.set_rank(acc.process_index, acc.num_processes)
         is_map = not isinstance(self.dataset, torch.utils.data.IterableDataset)
@@ -248,9 +353,14 @@ class Trainer:
 
         self.state = TrainState()
         self._host_logs: dict[str, float] = {}
-        acc.register_for_checkpointing(self.state)
-        for obj in self.method.stateful().values():
-            acc.register_for_checkpointing(obj)
+        # fewstep's own state is saved by name as JSON + safetensors (training/checkpoint.py), not through
+        # accelerate's register_for_checkpointing, whose files are pickles read back with full unpickling.
+        self.objects = dict(self.method.stateful())
+        self.stop = StopRequested()
+        self.stopped_by: int | None = None  # the signal that stopped the run (after its checkpoint was saved)
+        self._stop_agreed = 0  # the signal every rank agreed to stop on, from the last step's all-reduce
+        self._saved_step = -1
+        self.last_good_ckpt: Path | None = None
 
     # ---- data --------------------------------------------------------------------------------
     def _epoch_iter(self, skip: int = 0):
@@ -282,7 +392,7 @@ class Trainer:
                 self._it = self._epoch_iter()
                 continue
             st.batch_in_epoch += 1
-            n_items = len(batch["caption"]) + sum(batch["skipped"].values())
+            n_items = batch["positions"]  # data positions this batch consumed (bad samples included)
             st.samples_seen += n_items
             if "worker" in batch:
                 mine = st.stream_pos.setdefault(self.acc.process_index, {})
@@ -304,45 +414,117 @@ class Trainer:
         st = self.state
         causes = ", ".join(f"{n} {c}" for c, n in sorted(st.skipped.items(), key=lambda x: -x[1])) or "none"
         return (f"{what}. Skipped by cause: {causes}; example: {st.bad_example or '-'}. Check the data path, "
-                "the caption files / --caption_column, and --train_batch_size against the data set size")
+                "the caption files (.txt or --caption_extension) / --caption_column, and --train_batch_size "
+                "against the data set size")
 
     # ---- loop --------------------------------------------------------------------------------
     def start(self) -> None:
         """Resume (if asked), write the resolved config, open trackers and the data stream."""
         cfg, acc, st = self.cfg, self.acc, self.state
-        if acc.is_main_process:  # a run killed in the middle of a save leaves temporary folders
-            for line in recover(self.out):
-                log.warning("checkpoint recovery: %s", line)
-        acc.wait_for_everyone()
-        resume = resolve_resume(self.out, cfg.resume_from_checkpoint)
+        if acc.is_main_process and cfg.overwrite_output_dir:
+            gone = clear_previous_run(self.out)
+            if gone:
+                log.warning("--overwrite_output_dir: deleted the previous run's %s", ", ".join(gone))
+        resume = self._resolve_resume()
         if resume:
-            check_resume_settings(resume, self.spec.to_dict())
-            try:
-                acc.load_state(str(resume))
-            except (RuntimeError, KeyError, ValueError) as e:  # shapes or keys of another configuration
-                first = " ".join(str(e).split())[:300] or type(e).__name__  # "hundreds of missing keys" cut short
-                raise ResumeMismatch(
-                    f"--resume_from_checkpoint {resume}: this run's models or optimizers cannot load it ({first}). "
-                    "Was it written with other settings? Resume with the run's settings (see "
-                    f"{resume.parent / 'fewstep_config.yaml'}), or start a new run with another --output_dir") from e
+            check_resume_settings(resume, self.spec.to_dict(), TRAINER_RESUME_KEYS + tuple(self.method_cls.resume_keys))
+            wanted = self._optimizer_settings()
+            load_checkpoint(acc, resume, st, self.objects)
+            self._apply_changed_settings(resume, wanted)
+            # The run it continues: rotation removes only this run's checkpoints; its training clock goes on.
+            info = run_info(resume)
+            self.run_id, self.train_seconds = str(info.get("run_id", "")), float(info.get("train_seconds", 0.0))
             log.info("resumed from %s at step %d", resume, st.step)
+            if st.good_steps > 0 and st.nan_steps == 0:
+                self.last_good_ckpt = resume
         elif cfg.resume_from_checkpoint:
             log.info("no checkpoint in %s yet: starting from step 0", self.out)
         if acc.is_main_process:
             self.spec.dump(self.out / "fewstep_config.yaml")
         if acc.log_with:
             flat = {k: v for k, v in self.spec.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers("fewstep", config=flat)
+            kw = {}
+            if cfg.report_to in ("wandb", "all"):
+                import wandb
+
+                # The run's files next to TensorBoard's; OUT is rarely a git checkout, so no git lookup.
+                kw["wandb"] = {"dir": str(self.out / cfg.logging_dir), "settings": wandb.Settings(disable_git=True)}
+            acc.init_trackers(cfg.tracker_project_name, config=flat, init_kwargs=kw)
         self._it = self._epoch_iter(skip=st.batch_in_epoch)
+
+    def _resolve_resume(self) -> Path | None:
+        """The main process recovers interrupted saves and picks (and verifies) the checkpoint; every
+        rank gets its choice, or its error, so that all resume from the same one or all stop."""
+        acc, cfg = self.acc, self.cfg
+        choice: list = [None, None]
+        if acc.is_main_process:
+            for line in recover(self.out):  # a run killed in the middle of a save leaves temporary folders
+                log.warning("checkpoint recovery: %s", line)
+            try:
+                path, notes = resolve_resume(self.out, cfg.resume_from_checkpoint, acc.num_processes)
+                for line in notes:
+                    log.warning("checkpoint check: %s", line)
+                choice = [str(path) if path else None, None]
+            except CheckpointError as e:
+                choice = [None, (isinstance(e, ConfigError), str(e))]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(choice)  # (our own ranks' strings: pickled between processes, not from disk)
+        path, err = choice
+        if err:
+            bad_input, msg = err
+            raise (ResumeMismatch if bad_input else CheckpointError)(msg)
+        return Path(path) if path else None
+
+    def _optimizer_settings(self) -> dict[str, list[dict]]:
+        """Every optimizer's group settings as this run built them (from its command line)."""
+        return {n: [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.opts[n].param_groups]
+                for n in self.names}
+
+    def _apply_changed_settings(self, resume: Path, wanted: dict[str, list[dict]]) -> None:
+        """A restored optimizer and scheduler carry the settings of the run that saved them (learning
+        rate, betas, ε, weight decay, kernels). This run's command line wins: each value is put back,
+        the scheduler rebased on the new learning rate at the restored position, and every change
+        logged, so that what runs is what ``fewstep_config.yaml`` records."""
+        changed = []
+        for name in self.names:
+            opt = self.opts[name].optimizer if hasattr(self.opts[name], "optimizer") else self.opts[name]
+            sched = getattr(self.scheds[name], "scheduler", self.scheds[name])
+            for g, want in zip(opt.param_groups, wanted[name]):
+                for k, v in want.items():
+                    if g.get(k) != v:
+                        changed.append(f"{name} optimizer {_HYPER.get(k, k)}: {g.get(k)!r} -> {v!r}")
+                        g[k] = v
+            if hasattr(sched, "lr_lambdas") and hasattr(sched, "base_lrs"):
+                sched.base_lrs = [w["initial_lr"] for w in wanted[name]]
+                lrs = [b * f(sched.last_epoch) for b, f in zip(sched.base_lrs, sched.lr_lambdas)]
+                for g, lr in zip(opt.param_groups, lrs):
+                    g["lr"] = lr
+                sched._last_lr = lrs
+        import json
+
+        try:  # settings that need no re-application (schedule shape, clipping, ...): logged, they apply as given
+            old = json.loads((resume / "fewstep_state.json").read_text()).get("config") or {}
+        except (OSError, ValueError):
+            old = {}
+        now = self.spec.to_dict()
+        for k in sorted(set(old) & set(now)):
+            if old[k] != now[k] and k not in ("resume_from_checkpoint", "output_dir", "dry_run"):
+                changed.append(f"--{k}: {old[k]!r} -> {now[k]!r}")
+        for line in changed:
+            log.warning("resumed with a changed setting (applied): %s", line)
 
     def train(self):
         cfg, acc, st = self.cfg, self.acc, self.state
-        self.start()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process, desc="steps")
-        t_last = time.time()
-        with StopRequested() as stop:
+        with self.stop:  # from here a signal means "save at the next step boundary, then exit"
+            self.start()
+            bar = tqdm(total=cfg.max_train_steps, initial=st.step, disable=not acc.is_main_process or cfg.disable_tqdm,
+                       desc="steps")
+            t_last = time.time()
+            window: dict[str, list[float]] = {}  # logs of the steps since the last --logging_steps boundary
             while st.step < cfg.max_train_steps:
                 try:
                     logs = self.step()
@@ -353,49 +535,91 @@ class Trainer:
                     bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}")
                 now = time.time()
                 logs["step_time"] = now - t_last
-                t_last = now
-                acc.log(logs, step=st.step)
+                self.train_seconds += now - t_last
+                for k, v in logs.items():
+                    window.setdefault(k, []).append(float(v))
+                if st.step % cfg.logging_steps == 0 or st.step == cfg.max_train_steps:
+                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    window = {}
+                    acc.log(means, step=st.step)
+                    if cfg.disable_tqdm and acc.is_main_process:
+                        log.info("step %d/%d: %s", st.step, cfg.max_train_steps,
+                                 ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
                 if cfg.validation_steps and st.step % cfg.validation_steps == 0:
                     try:
                         self.validate()
                     except torch.cuda.OutOfMemoryError as e:
                         raise SystemExit(self._oom_message(e)) from None
-                if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps:
+                if st.step % cfg.checkpointing_steps == 0 or st.step == cfg.max_train_steps or self._stop_agreed:
                     self.save()
-                if stop.signum is not None:
-                    path = self.save()
+                t_last = time.time()  # validation and saving are not training time
+                if self._stop_agreed:
+                    self.stopped_by = self._stop_agreed
                     acc.end_training()
-                    msg = (f"stopped by signal {stop.signum} at step {st.step}; state saved in {path}. Resume with "
-                           f"the same command plus --resume_from_checkpoint latest")
+                    where = (f"state saved in {self.out / f'checkpoint-{st.step}'}" if self._saved_step == st.step
+                             else f"no checkpoint written during skipped steps; last good one: "
+                                  f"{self.last_good_ckpt or 'none'}")
+                    msg = (f"stopped by signal {self.stopped_by} at step {st.step}; {where}. Resume with "
+                           f"{self.resume_hint} (exit status {128 + self.stopped_by})")
                     if acc.is_main_process:
                         print(msg, file=sys.stderr)
                     return None
         bar.close()
-        if any(st.nonfinite.values()):
-            log.warning("steps skipped for non-finite values: %s", st.nonfinite)
-        if st.skipped:
-            log.warning("skipped samples by cause: %s", st.skipped)
+        self._summary()
         acc.wait_for_everyone()
-        result = None
-        if acc.is_main_process:
-            facts = self.method.export(self.out)
-            b = self.bundle
-            write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts,
-                             load_args=b.card_load_args() if b is not None else "",
-                             call_kwargs=b.call_kwargs() if b is not None else None,
-                             guidance_kwargs=b.guidance_call_kwargs if b is not None else None)
-            result = self.out
-            log.info("student written to %s", self.out)
+        result, error = None, None
+        try:
+            result = self.export()
+        except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+            error = e
+        if not agree(acc, error is None):  # the other ranks never wait for a main process that failed
+            if error is not None:
+                raise error
+            raise CheckpointError("the export failed on the main process (see its message)")
         acc.end_training()
         return result
+
+    def _summary(self) -> None:
+        st = self.state
+        skipped = sum(st.nonfinite.values())
+        why = ", ".join(f"non-finite {k}: {n}" for k, n in st.nonfinite.items() if n) or "none"
+        log.info("run summary: %d optimizer steps, %d succeeded, %d skipped (%s); %d samples trained on",
+                 st.step, st.good_steps, skipped, why, st.samples_trained)
+        if st.skipped:
+            log.warning("skipped samples by cause: %s", st.skipped)
+
+    def export(self) -> Path | None:
+        """The student as users load it, with its card, in OUT (main process; None elsewhere). After
+        :meth:`train`, or after :meth:`start` alone to export a resumed checkpoint as it is. Refuses a
+        student that no step trained or that holds a non-finite value; the files go to a temporary
+        folder first, so a failure (a full disk) leaves no half-written student."""
+        from ..export import ExportError, atomic_export
+
+        if not self.acc.is_main_process:
+            return None
+        st, cfg = self.state, self.cfg
+        if st.good_steps == 0:
+            raise ExportError(
+                f"not exporting: none of the {st.step} optimizer steps succeeded (skipped for non-finite values: "
+                f"{st.nonfinite}), so the student would be untrained or hold NaN. Likely causes: NaN/inf in the "
+                "teacher or the data, an fp16 VAE (use --mixed_precision bf16), too high --learning_rate. "
+                f"Checkpoints in {self.out} are kept")
+        facts = atomic_export(self.out, self.method.export)
+        b = self.bundle
+        write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts,
+                         load_args=b.card_load_args() if b is not None else "",
+                         call_kwargs={**b.call_kwargs(), **b.guidance_call_kwargs(facts.get("guidance_scale"))}
+                         if b is not None else None, guidance_arg=b is None or b.pipeline_guidance_scale)
+        log.info("student written to %s", self.out)
+        return self.out
 
     def _oom_message(self, e: Exception) -> str:
         cfg = self.cfg
         on = {"--gradient_checkpointing": cfg.gradient_checkpointing, "--use_8bit_adam": cfg.use_8bit_adam,
-              "--cast_teacher_unet": cfg.cast_teacher_unet,
-              "--lora_rank": bool(getattr(self.spec.method, "lora_rank", 0))}
+              "--cast_teacher_unet": cfg.cast_teacher_unet}
         tag = {k: " (already on)" if v else "" for k, v in on.items()}
-        last = list_checkpoints(self.out)
+        last = self.last_good_ckpt
+        hints = "".join(f"  {h}\n" for h in self.method_cls.memory_hints(cfg, self.spec.method))
         return (f"out of GPU memory at step {self.state.step}: {str(e).splitlines()[0] if str(e) else 'CUDA OOM'}.\n"
                 "Options, cheapest first:\n"
                 f"  --gradient_checkpointing{tag['--gradient_checkpointing']}  (recompute activations in backward)\n"
@@ -404,19 +628,40 @@ class Trainer:
                 "--gradient_accumulation_steps for the same global batch\n"
                 f"  --cast_teacher_unet{tag['--cast_teacher_unet']} with --mixed_precision fp16 or bf16 "
                 f"(now {cfg.mixed_precision}): the frozen teacher in half precision\n"
-                f"  LoRA: --lora_rank 64{tag['--lora_rank']} (train adapters only; one UNet in memory)\n"
-                f"Last complete checkpoint: {last[-1][1] if last else 'none'} "
+                f"{hints}"
+                f"Last complete checkpoint: {last or 'none'} "
                 "(resume with --resume_from_checkpoint latest)")
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         """A checkpoint of everything; streamed-data positions of every rank are gathered first, since
-        the training state is written by the main process only."""
+        the training state is written by the main process only. None while the run is in a streak of
+        skipped steps: the checkpoints must stay ones written after a successful step."""
+        st = self.state
+        if self._saved_step == st.step:
+            return self.out / f"checkpoint-{st.step}"
+        if st.nan_steps > 0 or st.good_steps == 0:
+            log.warning("not writing checkpoint-%d: %s", st.step,
+                        f"the last {st.nan_steps} step(s) were skipped" if st.nan_steps else "no step succeeded yet")
+            return None
         if not self.is_map and self.acc.num_processes > 1:
             from accelerate.utils import gather_object
 
-            mine = self.state.stream_pos.get(self.acc.process_index, {})
-            self.state.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
-        return save_checkpoint(self.acc, self.out, self.state.step, self.cfg.checkpoints_total_limit)
+            mine = st.stream_pos.get(self.acc.process_index, {})
+            st.stream_pos = dict(gather_object([(self.acc.process_index, mine)]))
+        config = self.spec.to_dict()
+        path = save_checkpoint(
+            self.acc, self.out, st.step, self.cfg.checkpoints_total_limit,
+            write_extra=lambda folder: write_state(folder, st.state_dict(), self.objects, config),
+            info={"good_steps": st.good_steps, "last_good_step": st.last_good_step},
+            need_bytes=lambda: checkpoint_bytes(self.out, self.acc, self.objects),
+            run={"run_id": self.run_id, "train_seconds": round(self.train_seconds, 3)})
+        self._saved_step = st.step
+        self.last_good_ckpt = path
+        if self.acc.is_main_process:
+            log.info("checkpoint saved: %s", path)
+            for callback in self.on_save:
+                callback(st.step, self.train_seconds, path)
+        return path
 
     def step(self) -> dict[str, float]:
         """One optimizer step of the phase's group (gradient_accumulation_steps micro-batches).
@@ -428,7 +673,7 @@ class Trainer:
         """
         cfg, acc, st = self.cfg, self.acc, self.state
         phase = self.method.phase(st.step)
-        module, opt, sched = self.modules[phase], self.opts[phase], self.scheds[phase]
+        module, opt = self.modules[phase], self.opts[phase]
         if len(self.params) > 1:  # only the phase's group builds a graph
             for name, params in self.params.items():
                 for p in params:
@@ -437,8 +682,10 @@ class Trainer:
         loss_bad = torch.zeros((), device=dev)
         logs_t: dict[str, torch.Tensor] = {}
         bad, cause, gn = False, None, None
+        n_samples = 0
         for _ in range(cfg.gradient_accumulation_steps):
             batch = self._next_batch()
+            n_samples += len(batch["caption"])
             with acc.accumulate(module):
                 # Every network the method runs (frozen teacher and target included) under the mixed-
                 # precision autocast, as the trainable ones already are through accelerate's wrapper.
@@ -456,52 +703,88 @@ class Trainer:
                     # factor is clamped to exactly 1). DeepSpeed clips inside its engine and returns None.
                     gn = acc.clip_grad_norm_(module.parameters(),
                                              cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                    bad, cause, gn = self._skip_decision(loss_bad, gn, logs_t)
+                    bad, cause, gn = self._skip_decision(loss_bad, gn, logs_t, n_samples)
                     if not bad:
                         opt.step()
-                        sched.step()
                     elif acc.scaler is not None:
                         # clip_grad_norm_ unscaled the gradients; close the scaler's step so the next
                         # unscale is allowed (found-inf makes it back off its scale, as a skip would).
                         acc.scaler.update()
                 opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {k: v for k, v in self._host_logs.items()}
+        logs[f"lr/{phase}"] = opt.param_groups[0]["lr"]  # the learning rate this step used
+        self._tick_schedules(phase, st.step)
         if gn is not None and not bad:
             logs["grad_norm"] = gn
+        logs["batch_size"] = st.last_batch  # the effective batch: samples of all ranks and micro-batches
         if bad:
             st.nan_steps += 1
             st.nonfinite[cause] = st.nonfinite.get(cause, 0) + 1
             log.warning("non-finite %s at step %d: step skipped (%d in a row)", cause, st.step, st.nan_steps)
             if st.nan_steps >= cfg.max_nan_steps:
-                last = list_checkpoints(self.out)
+                last = (f"{self.last_good_ckpt} (written after step {st.last_good_step}, the last step that succeeded)"
+                        if self.last_good_ckpt else
+                        "none (no checkpoint was written after a successful step" +
+                        ("; no step of this run succeeded)" if st.good_steps == 0 else ")"))
                 raise SystemExit(
                     f"{st.nan_steps} consecutive steps with a non-finite loss or gradient: stopping. Likely causes: an fp16 VAE "
                     "(use --mixed_precision bf16 or an fp16-safe --pretrained_vae_model_name_or_path), too high "
-                    "--learning_rate, or bad data. Last good checkpoint: "
-                    f"{last[-1][1] if last else 'none'}")
+                    f"--learning_rate, or bad data. Last good checkpoint: {last}")
         else:
             st.nan_steps = 0
+            st.good_steps += 1
+            st.last_good_step = st.step + 1
+            st.samples_trained += st.last_batch
         st.step += 1
         if not bad:
             self.method.after_step(phase, st.step)
-        logs[f"lr/{phase}"] = sched.get_last_lr()[0]
         return {k: v for k, v in logs.items() if not (isinstance(v, float) and math.isnan(v))}
 
-    def _skip_decision(self, loss_bad: torch.Tensor, gn, logs_t: dict[str, torch.Tensor]):
+    def _tick_schedules(self, phase: str, step: int) -> None:
+        """Advance each group's learning-rate schedule by the ticks the method declares for this step.
+
+        Every step ticks, a skipped one too: a schedule is then a function of the step counter alone, as
+        in the reference loops, which never skip. The trainer steps the schedulers itself rather than
+        through accelerate's wrapper, which would step once per process and only after its own group's
+        optimizer step (a generator schedule must also move on the fake score's steps). Under DeepSpeed the
+        engine steps its (single) group's scheduler with each optimizer step itself."""
+        import warnings
+
+        from accelerate.utils.deepspeed import DeepSpeedSchedulerWrapper
+
+        for name, n in self.method.schedule_ticks(phase, step).items():
+            if isinstance(self.scheds[name], DeepSpeedSchedulerWrapper):
+                continue
+            inner = getattr(self.scheds[name], "scheduler", self.scheds[name])
+            with warnings.catch_warnings():
+                # torch warns when a schedule moves before its optimizer's first step in this process (a
+                # skipped first step, a group not yet updated since a resume): intended here, see above.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                for _ in range(n):
+                    inner.step()
+
+    def _skip_decision(self, loss_bad: torch.Tensor, gn, logs_t: dict[str, torch.Tensor], n_samples: int = 0):
         """(skip?, cause, grad norm) from ONE device-to-host transfer, agreed by all ranks.
 
         A non-finite loss on any rank skips the step. A non-finite gradient norm skips it too, except
-        under an fp16 GradScaler, whose own step skip and scale backoff handle overflow."""
+        under an fp16 GradScaler, whose own step skip and scale backoff handle overflow. The same
+        all-reduce carries a stop request (a signal received by any rank) and the step's sample count:
+        every rank decides to stop after the same step, so none waits in a collective for the others."""
         acc = self.acc
         gn_t = torch.full((), float("nan"), device=acc.device) if gn is None else torch.as_tensor(gn).float().to(acc.device)
         grad_bad = (~torch.isfinite(gn_t)).float() if (gn is not None and acc.scaler is None) else torch.zeros_like(gn_t)
-        flags = torch.stack([loss_bad.reshape(()), grad_bad.reshape(())])
+        term, other = self.stop.code()  # read once: a signal arriving later is carried by the next step
+        extra = torch.tensor([term, other, float(n_samples)], device=acc.device)
+        flags = torch.cat([torch.stack([loss_bad.reshape(()), grad_bad.reshape(())]), extra])
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
         keys = list(logs_t)
         host = torch.cat([flags, gn_t.reshape(1), *[logs_t[k].reshape(1) for k in keys]]).tolist()
-        self._host_logs = dict(zip(keys, host[3:]))
-        loss_bad_n, grad_bad_n, gn_v = host[:3]
+        self._host_logs = dict(zip(keys, host[6:]))
+        loss_bad_n, grad_bad_n, term_n, other_n, samples_n, gn_v = host[:6]
+        self.state.last_batch = int(samples_n)
+        if term_n > 0 or other_n > 0:
+            self._stop_agreed = signal.SIGTERM if term_n > 0 else (self.stop.signum or signal.SIGINT)
         if loss_bad_n > 0:
             return True, "loss", None
         if grad_bad_n > 0:
@@ -517,10 +800,15 @@ class Trainer:
         cfg = self.cfg
         prompts = cfg.validation_prompts
         seeds = list(range(len(prompts)))
+        steps = validation_rows(cfg.validation_inference_steps, self.method.trained_steps())
+        if steps != list(cfg.validation_inference_steps) and not getattr(self, "_told_rows", False):
+            self._told_rows = True
+            log.info("validation rows at %s steps: the student is trained for %s steps (--validation_inference_steps "
+                     "%s clamped into that range)", steps, "–".join(map(str, sorted(set(self.method.trained_steps())))),
+                     cfg.validation_inference_steps)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # validation never shifts the training RNG
-            rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale)
-                    for n in cfg.validation_inference_steps]
+            rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale) for n in steps]
         grid = image_grid(rows)
         from PIL import Image
 
@@ -535,5 +823,5 @@ class Trainer:
                 import wandb
 
                 tracker.log({"validation": wandb.Image(grid)}, step=self.state.step)
-        log.info("validation grid (rows: %s steps) written to %s", cfg.validation_inference_steps, path)
+        log.info("validation grid (rows: %s steps) written to %s", steps, path)
         self.acc.wait_for_everyone()

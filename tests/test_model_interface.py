@@ -44,8 +44,10 @@ def test_every_family_implements_the_interface():
         assert cls.lora_targets
 
 
-@pytest.mark.parametrize("builder", ["build_tiny_sd", "build_tiny_sdxl", "build_tiny_sd3"])
-def test_factory_picks_the_family_from_model_index(builder, tmp_path):
+# (QwenImagePipeline's default size is fixed, 128 latents per side: 512 px with the tiny ÷4 VAE)
+@pytest.mark.parametrize("builder,resolution", [("build_tiny_sd", 32), ("build_tiny_sdxl", 32), ("build_tiny_sd3", 32),
+                                                ("build_tiny_flux", 32), ("build_tiny_qwenimage", 512)])
+def test_factory_picks_the_family_from_model_index(builder, resolution, tmp_path):
     from fewstep import testing
 
     root = getattr(testing, builder)(tmp_path / "t")
@@ -53,8 +55,8 @@ def test_factory_picks_the_family_from_model_index(builder, tmp_path):
     cls = family_of(str(root))
     assert cls.pipeline_class == index["_class_name"]
     light = load_bundle(str(root), weights=False)  # configs only, as --dry_run reads them
-    assert type(light) is cls and light.default_resolution == 32
-    assert light.latent_shape(32, 32) == (4, 8, 8)
+    assert type(light) is cls and light.default_resolution == resolution
+    assert light.latent_shape(32, 32) == ({"build_tiny_flux": 16}.get(builder, 4), 8, 8)
     assert cls.family in light.describe()
 
 

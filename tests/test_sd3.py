@@ -93,12 +93,15 @@ def test_dry_run_reads_sd3_configs(sd3_teacher, sd3_data, tmp_path, capsys):
     assert ("family sd3, StableDiffusion3Pipeline, transformer in_channels=4, prediction_type=flow, flow matching, "
             "shift 3 [FlowMatchEulerDiscreteScheduler], default resolution 32 px") in out
     # every method runs on flow-matching teachers now: the dry run accepts each
-    for method, kw in (("dmd2", {}), ("lcm", {}), ("lcm", {"lora_rank": 4}), ("disback", {}),
+    for method, kw in (("dmd2", {}), ("lcm", {}), ("lcm", {"lora_rank": 4}), ("disback", {"degradation_steps": 1}),
                        ("direct", {"lora_rank": 4})):
         assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / method, method=method, dry_run=True,
                                        **kw)) == 0, capsys.readouterr().err
         assert "dry run OK" in capsys.readouterr().out
-    # and refuses what the run refuses, before any weight loads
+    # and refuses what the run refuses, before any weight loads (DisBack's default 200 degradation steps
+    # leave none of 2 steps to backtrack: the dry run's memory plan builds the method, which says so)
+    assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / "d", method="disback", dry_run=True)) == 2
+    assert "leaves no backtracking steps" in capsys.readouterr().err
     assert main(["distill"] + args(sd3_teacher, sd3_data, tmp_path / "k", method="dmd2", num_denoising_step=3,
                                    dry_run=True)) == 2
     assert "--num_denoising_step 3 must divide" in capsys.readouterr().err

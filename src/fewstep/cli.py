@@ -58,6 +58,9 @@ def dry_run(spec) -> int:
             raise
         except Exception as e:  # noqa: BLE001 - the sizes are information; the run's own checks come next
             print(f"sharding: the networks could not be sized on the meta device ({type(e).__name__}: {e})")
+    from .training.memory import report
+
+    print(report(spec))  # every network the method will hold, built on the meta device
     ds, sample = data.dataset, data.sample
     free = free_disk_bytes(cfg.output_dir)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False))
@@ -215,13 +218,14 @@ def cmd_sample(argv: list[str]) -> int:
     ts = hints.get("timesteps")
     if a.scheduler or (ts and a.num_inference_steps and a.num_inference_steps != len(ts)):
         ts = None
-    check_steps(sched, steps, ts, f"--model {a.model}", hints.get("num_inference_steps"))
     factor = configs.pixel_multiple
     res = a.resolution or configs.default_resolution
     if res % factor:
         lo = res // factor * factor
         raise ConfigError(f"--resolution {res} is not a multiple of {factor} (the model's pixels per latent "
                           f"patch): use {lo or factor} or {lo + factor}")
+    check_steps(sched, steps, ts, f"--model {a.model}", hints.get("num_inference_steps"), bundle=configs,
+                resolution=res)
     bundle = load_bundle(a.model)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bundle.to(device)

@@ -50,7 +50,7 @@ class TrainConfig:
     pretrained_vae_model_name_or_path: str | None = None  # another VAE (folder or hub id) to use
     cast_teacher_unet: bool = False  # hold the frozen teacher in the mixed-precision dtype
     model_max_length: int | None = None  # tokenizer length prompts are padded / truncated to (default: the teacher's)
-    is_sdxl: bool | None = None  # PaddleMIX: assert the teacher is (not) of a family (models.bundle.FAMILY_FLAGS)
+    is_sdxl: bool | None = field(default=None, metadata={"family_flag": True})  # PaddleMIX: assert the teacher is (not) SDXL
 
     # data
     train_data_dir: str | None = None  # image folder with .txt captions or metadata.jsonl/csv
@@ -615,9 +615,13 @@ def train_uses(c: TrainConfig) -> dict[str, Any]:
             "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "mixed_precision",
             "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "torch_compile", "report_to",
             "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "validation_steps",
-            "max_nan_steps", "fsdp", "rng_streams",
+            "max_nan_steps", "fsdp", "rng_streams", "overwrite_output_dir", "disable_tqdm", "push_to_hub", "preset",
+            "model_max_length", "is_sdxl",  # (these two: checked against the teacher's configs)
+            "extra_inputs",  # checked against the first sample's columns (training/preflight.py)
+            # the run's length when --max_train_steps is not given (runspec.apply_epochs)
+            "num_train_epochs", "dataset_repeat",
             # the machine decides what these do (CUDA only), not other options
-            "allow_tf32", "cudnn_benchmark", "channels_last"]
+            "allow_tf32", "cudnn_benchmark", "channels_last", "find_unused_parameters"]
     keys += [k for k in ("train_data_dir", "train_shards_path_or_url", "dataset_name", "file_list", "cache_dir")
              if getattr(c, k)]
     keys += ["data_resampling"] if (c.train_shards_path_or_url or c.file_list) else []
@@ -625,15 +629,12 @@ def train_uses(c: TrainConfig) -> dict[str, Any]:
     keys += ["lr_warmup_steps"] if c.lr_scheduler != "constant" else []
     keys += ["torch_compile_mode", "torch_compile_backend"] if c.torch_compile else []
     keys += ["adam_impl"] if not c.use_8bit_adam else []
-    keys += ["logging_dir"] if c.report_to != "none" else []
+    keys += ["logging_dir", "tracker_project_name"] if c.report_to != "none" else []
+    keys += ["logging_steps"] if c.report_to != "none" or c.disable_tqdm else []
+    keys += ["hub_model_id", "hub_token"] if c.push_to_hub else []
+    keys += ["caption_extension", "dataset_base_path"] if c.train_data_dir else []  # how a folder / metadata is read
     keys += ["fsdp_frozen", "fsdp_offload", "fsdp_reshard_after_forward", "fsdp_wrap"] if c.fsdp else []
     keys += ["validation_prompts", "validation_inference_steps"] if c.validation_steps else []
-    # the other tools' habits: each changes what runs, what is checked, or where the result goes
-    keys += ["preset", "overwrite_output_dir", "logging_steps", "disable_tqdm", "find_unused_parameters",
-             "push_to_hub", "model_max_length", "is_sdxl", "extra_inputs", "num_train_epochs", "dataset_repeat"]
-    keys += ["caption_extension", "dataset_base_path"] if c.train_data_dir else []
-    keys += ["tracker_project_name"] if c.report_to != "none" else []
-    keys += ["hub_model_id", "hub_token"] if c.push_to_hub else []
     return {k: getattr(c, k) for k in keys}
 
 
@@ -723,10 +724,17 @@ def validate_train(c: TrainConfig) -> None:
     if c.use_8bit_adam:
         refuse_changed(c, ("adam_impl",), "with --use_8bit_adam, which has its own kernels: drop it")
     if c.report_to == "none":
-        refuse_changed(c, ("logging_dir",), "with --report_to none (no tracker writes logs): drop it")
+        refuse_changed(c, ("logging_dir", "tracker_project_name"), "with --report_to none (no tracker writes logs): "
+                       "drop it")
+        if not c.disable_tqdm:
+            refuse_changed(c, ("logging_steps",), "with --report_to none and the progress bar on (it spaces tracker "
+                           "logs and --disable_tqdm's log lines): drop it, or add --disable_tqdm")
     if not c.validation_steps:
         refuse_changed(c, ("validation_prompts", "validation_inference_steps"),
                        "with --validation_steps 0 (no validation): set --validation_steps N, or drop them")
+    if not c.train_data_dir:
+        refuse_changed(c, ("caption_extension", "dataset_base_path"), "without --train_data_dir (they say how an "
+                       "image folder or metadata file is read): drop them")
     if not (c.train_data_dir or c.dataset_name):
         refuse_changed(c, ("image_column", "caption_column"), "for shards, file lists and caches, which name their "
                        "own fields: they apply to --train_data_dir metadata and --dataset_name")

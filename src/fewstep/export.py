@@ -176,7 +176,7 @@ def steps_phrase(valid_steps) -> str:
 
 
 def model_card(out_dir: Path, teacher: str | None, method: str, facts: dict[str, Any], load_args: str = "",
-               call_kwargs: dict | None = None) -> str:
+               call_kwargs: dict | None = None, guidance_arg: bool = True) -> str:
     """The model card (README.md) of an output folder, from the method's export facts:
     ``num_inference_steps`` (recommended), ``valid_steps`` ((lo, hi): the step counts the model was
     trained for), ``guidance_scale``, ``scheduler``, optional ``timesteps`` (with ``timestep_kwargs``: the
@@ -184,7 +184,8 @@ def model_card(out_dir: Path, teacher: str | None, method: str, facts: dict[str,
     ``guidance_note``, ``title``, and ``student: False`` for a run that wrote no model (then the card has no
     code). ``load_args``: the extra ``from_pretrained`` arguments the family's folders need
     (:meth:`ModelBundle.card_load_args`); ``call_kwargs``: pipeline-call arguments its conditioning depends
-    on (:meth:`ModelBundle.call_kwargs`)."""
+    on (:meth:`ModelBundle.call_kwargs`) and those of its guidance (:meth:`ModelBundle.guidance_call_kwargs`);
+    ``guidance_arg``: whether the call passes ``guidance_scale`` (:attr:`ModelBundle.pipeline_guidance_scale`)."""
     steps = facts.get("num_inference_steps", 4)
     gs = facts.get("guidance_scale", 1.0)
     sched = facts.get("scheduler", "LCMScheduler")
@@ -208,6 +209,7 @@ library_name: diffusers
     if facts.get("timesteps"):  # a scheduler grid that cannot express the training timesteps
         ts_arg = "".join(f", {k}={v}" for k, v in facts.get("timestep_kwargs", {"timesteps": facts["timesteps"]}).items())
     ts_arg += "".join(f", {k}={v!r}" for k, v in (call_kwargs or {}).items())
+    gs_arg = f", guidance_scale={gs}" if guidance_arg else ""
     if facts.get("lora"):  # no model_index.json here: the base model, then the adapter and its scheduler
         load = (f'pipe = DiffusionPipeline.from_pretrained("{teacher}"{load_args})\n'
                 f'pipe.load_lora_weights("{out_dir}", weight_name="pytorch_lora_weights.safetensors")\n'
@@ -225,7 +227,7 @@ from diffusers import DiffusionPipeline, {sched}
 {load}
 device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
 pipe = pipe.to(device, dtype)
-image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={gs}{ts_arg}).images[0]
+image = pipe("a prompt", num_inference_steps={steps}{gs_arg}{ts_arg}).images[0]
 ```
 
 or `fewstep sample --model {out_dir} --prompt "a prompt" --num_inference_steps {steps}`.
@@ -234,9 +236,10 @@ The full training configuration is in `fewstep_config.yaml`.
 
 
 def write_model_card(out_dir: Path, teacher: str | None, method: str, facts: dict[str, Any],
-                     metrics: dict | None = None, load_args: str = "", call_kwargs: dict | None = None):
+                     metrics: dict | None = None, load_args: str = "", call_kwargs: dict | None = None,
+                     guidance_arg: bool = True):
     """``README.md`` (the model card) and ``fewstep_sampling.json`` (what `fewstep sample` / `eval` read);
-    ``load_args`` and ``call_kwargs`` as in :func:`model_card`."""
+    ``load_args``, ``call_kwargs`` and ``guidance_arg`` as in :func:`model_card`."""
     hints = {"num_inference_steps": facts.get("num_inference_steps", 4), "guidance_scale": facts.get("guidance_scale", 1.0)}
     if facts.get("valid_steps"):
         hints["valid_steps"] = list(facts["valid_steps"])
@@ -247,7 +250,7 @@ def write_model_card(out_dir: Path, teacher: str | None, method: str, facts: dic
     if call_kwargs:  # pipeline-call arguments the family's conditioning depends on (SD3's max_sequence_length)
         hints["pipeline_kwargs"] = dict(call_kwargs)
     _write_text(Path(out_dir) / "fewstep_sampling.json", json.dumps(hints) + "\n")
-    card = model_card(out_dir, teacher, method, facts, load_args, call_kwargs)
+    card = model_card(out_dir, teacher, method, facts, load_args, call_kwargs, guidance_arg)
     if metrics:
         card += "\n## Evaluation\n\n" + json.dumps(metrics, indent=2) + "\n"
     _write_text(Path(out_dir) / "README.md", card)

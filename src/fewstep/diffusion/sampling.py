@@ -14,7 +14,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..config import ConfigError
-from .guidance import cat_cond, cfg
+from .guidance import cat_cond
 
 # Short names accepted by make_scheduler; checked by the commands before any model loads.
 SCHEDULERS = ("lcm", "ddim", "ddim-leading", "dpm++", "euler", "ddpm", "flow-euler")
@@ -58,6 +58,11 @@ def make_scheduler(kind: str, scheduler_config: dict, **overrides):
         if kind == "dpm++":
             overrides = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True,
                          "prediction_type": "flow_prediction", "flow_shift": cfg_.get("shift", 1.0), **overrides}
+        if kind == "lcm":
+            # A few-step student samples at exactly its grid, down to σ = 0 (x̂₀): the terminal stretch of
+            # many-step sampling (Qwen-Image's shift_terminal 0.02) would move every σ of the grid, and
+            # at one step divides by zero.
+            overrides.setdefault("shift_terminal", None)
     else:
         classes = {
             "lcm": diffusers.LCMScheduler,
@@ -117,15 +122,19 @@ def unroll(denoise, scheduler, x_T: torch.Tensor, num_inference_steps: int | Non
 
 
 def guided_denoiser(bundle, net, cond, uncond, guidance_scale: float, w: torch.Tensor | None = None):
-    """D(z, t) as a pipeline computes it: classifier-free guidance over one uncond ‖ cond batch when
-    ``uncond`` is given (and the scale is > 1), else one conditional call (with the guidance weight ``w``
-    for students that embed it)."""
+    """D(z, t) as a pipeline computes it: classifier-free guidance (the family's :meth:`~fewstep.models.base.
+    ModelBundle.guide`) over one uncond ‖ cond batch, or two forwards where the family's pipeline runs
+    two, when ``uncond`` is given (and the scale is > 1), else one conditional call (with the guidance
+    weight ``w`` for students that embed it)."""
     if uncond is not None and guidance_scale > 1.0:
+        if not bundle.cfg_batch:  # two forwards, as the family's pipeline runs them
+            return lambda z, t: bundle.guide(bundle.denoise(net, z, t, cond), bundle.denoise(net, z, t, uncond),
+                                             guidance_scale)
         both = cat_cond(uncond, cond)
 
         def denoise(z, t):
             out_u, out_c = bundle.denoise(net, torch.cat([z, z]), t, both).chunk(2)
-            return cfg(out_c, out_u, guidance_scale)
+            return bundle.guide(out_c, out_u, guidance_scale)
 
         return denoise
     return lambda z, t: bundle.denoise(net, z, t, cond, w)
@@ -144,7 +153,8 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
     they are drawn from one CPU generator per seed.
 
     A denoiser that embeds the guidance scale (LCD students, guidance-distilled transformers) receives
-    it and runs no CFG batch; otherwise CFG runs when guidance_scale > 1.
+    it (as :meth:`~fewstep.models.base.ModelBundle.guidance_input` says) and runs no CFG batch; otherwise
+    CFG runs when guidance_scale > 1.
     """
     device = bundle.device
     dtype = next(net.parameters()).dtype
@@ -152,7 +162,7 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
     cond = bundle.encode_text(prompts, size=(height, width))
     embeds = bundle.embeds_guidance(net)
     uncond = None if embeds or guidance_scale <= 1.0 else bundle.uncond(n, size=(height, width))
-    w = torch.full((n,), guidance_scale - 1.0, device=device) if embeds else None
+    w = torch.full((n,), bundle.guidance_input(guidance_scale), device=device) if embeds else None
     shape = (1, *bundle.latent_shape(height, width))
     # One generator per image, as the pipeline does with a list of generators.
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -164,13 +174,17 @@ def sample_latents(bundle, net, scheduler, prompts: list[str], seeds: list[int],
         latents = noise.to(device, dtype)
     inner = guided_denoiser(bundle, net, cond, uncond, guidance_scale, w)
 
+    # The scheduler steps in the pipeline's latent layout (FLUX: packed tokens), so that noise a step
+    # draws lands where the pipeline's does; the denoiser sees (B, C, h, w) as everywhere else.
     def denoise(z, t):
-        return inner(z, t).to(dtype)
+        return bundle.pipeline_latents(inner(bundle.model_latents(z, height, width), t).to(dtype))
 
-    kw = bundle.timestep_kwargs(height, width, timesteps)
+    kw = bundle.timestep_kwargs(height, width, timesteps, num_inference_steps=num_inference_steps,
+                                scheduler=scheduler)
     step_gen = (gens if len(gens) > 1 else gens[0]) if bundle.step_generator else None
-    states = unroll(denoise, scheduler, latents, num_inference_steps, generator=step_gen, timestep_kwargs=kw)
-    return states[-1]
+    states = unroll(denoise, scheduler, bundle.pipeline_latents(latents), num_inference_steps, generator=step_gen,
+                    timestep_kwargs=kw)
+    return bundle.model_latents(states[-1], height, width)
 
 
 def sample_images(bundle, net, scheduler, prompts, seeds, num_inference_steps, guidance_scale, height, width,

@@ -105,10 +105,21 @@ def run_scheduler(run: EvalRun, scheduler_config: dict):
     return make_scheduler(run.scheduler, scheduler_config), ts
 
 
-def check_steps(scheduler, steps: int, timesteps, what: str, trained_steps=None) -> None:
-    """Refuse a step count the scheduler cannot run (diffusers would raise inside the sampling loop)."""
+def check_steps(scheduler, steps: int, timesteps, what: str, trained_steps=None, bundle=None,
+                resolution: int | None = None) -> None:
+    """Refuse a step count the scheduler cannot run (diffusers would raise inside the sampling loop).
+    ``bundle`` (configs are enough): the grid is set as sampling sets it, with the family's
+    ``set_timesteps`` arguments (a resolution-dependent ``mu``, the pipeline's sigmas) at ``resolution``
+    (default: the teacher's), without which a dynamically shifted scheduler always refuses."""
     try:
-        if timesteps is not None:
+        if bundle is not None:
+            res = resolution or bundle.default_resolution
+            kw = bundle.timestep_kwargs(res, res, timesteps, num_inference_steps=steps, scheduler=scheduler)
+            if "timesteps" in kw or "sigmas" in kw:
+                scheduler.set_timesteps(device="cpu", **kw)
+            else:
+                scheduler.set_timesteps(steps, device="cpu", **kw)
+        elif timesteps is not None:
             scheduler.set_timesteps(timesteps=list(timesteps), device="cpu")
         else:
             scheduler.set_timesteps(steps, device="cpu")
@@ -131,15 +142,15 @@ def check_runs(runs: list[EvalRun]) -> None:
     model loads; all the runs that cannot be sampled are named in one message."""
     from ..models.bundle import load_bundle
 
-    configs: dict[str, dict] = {}
+    configs: dict[str, object] = {}
     problems = []
     for run in runs:
         if run.model not in configs:
-            configs[run.model] = load_bundle(run.model, weights=False).scheduler_config
-        sched, ts = run_scheduler(run, configs[run.model])
+            configs[run.model] = load_bundle(run.model, weights=False)
+        sched, ts = run_scheduler(run, configs[run.model].scheduler_config)
         try:
             check_steps(sched, run.steps, ts, f"--model {run.label}={run.model} ({run.scheduler})",
-                        sampling_hints(run.model).get("num_inference_steps"))
+                        sampling_hints(run.model).get("num_inference_steps"), bundle=configs[run.model])
         except ConfigError as e:
             problems.append(str(e))
     if problems:

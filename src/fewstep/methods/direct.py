@@ -7,7 +7,9 @@ cfg_scale``, optionally ``latents``). Per row the initial noise x_T is regenerat
 (seed, rand_device); the teacher's endpoint x̂ is the saved latents, or the VAE posterior mean of the
 image. The student runs the deterministic scheduler vanilla diffusers runs for it (DDIM with
 "trailing" spacing for ε/v teachers, flow-matching Euler for flow teachers) for K steps at the row's
-guidance scale w (CFG only when w > 1), every step differentiable:
+guidance scale w (CFG only when w > 1; a guidance-distilled transformer such as FLUX.1-dev takes w as
+its own guidance input, as its pipeline passes ``guidance_scale``, and runs no CFG batch), every step
+differentiable, on the grid the family's pipeline samples K steps on:
 
     z_0 = x_T,   z_{k+1} = step(z_k, D_θ(z_k, t_k, c, w), t_k),   k = 0 … K−1
 
@@ -191,6 +193,7 @@ class Direct(Method):
         root = Path(cfg.train_data_dir)
         self.data_root = root if root.is_dir() else root.parent
         self.sampling = _Sampling()
+        self._grids_ok: set[int] = set()
         self.sampling.K, self.sampling.w = mcfg.student_steps, mcfg.student_guidance_scale
 
     def groups(self):
@@ -227,11 +230,34 @@ class Direct(Method):
 
     def denoiser(self, net, captions: list[str], w: float):
         """D(z, t): the student's (guided) output, as the pipeline computes it (CFG over one uncond ‖
-        cond batch when w > 1)."""
+        cond batch when w > 1; a guidance-distilled student takes w as its guidance input instead)."""
         res = self.cfg.resolution
         cond = self.bundle.encode_text(captions, size=(res, res))
+        if self.bundle.guidance_embedding == "native" and self.bundle.embeds_guidance(net):
+            # a guidance-distilled student takes w as its own input, as its pipeline passes it: no CFG batch
+            g = torch.full((len(captions),), self.bundle.guidance_input(w), device=self.accelerator.device)
+            return guided_denoiser(self.bundle, net, cond, None, w, g)
         uncond = self.bundle.uncond(len(captions), size=(res, res)) if w > 1.0 else None
         return guided_denoiser(self.bundle, net, cond, uncond, w)
+
+    def _check_grid(self, K: int) -> None:
+        """Refuse a step count the student's scheduler cannot sample: a flow scheduler stretched to a
+        terminal σ (``shift_terminal``) divides by zero on a one-step grid, in the vanilla pipeline too."""
+        if K in self._grids_ok:
+            return
+        res = self.cfg.resolution
+        kw = self.bundle.timestep_kwargs(res, res, num_inference_steps=K, scheduler=self.sched)
+        if "sigmas" in kw or "timesteps" in kw:
+            self.sched.set_timesteps(**kw)
+        else:
+            self.sched.set_timesteps(K, **kw)
+        if not torch.isfinite(torch.as_tensor(self.sched.sigmas if hasattr(self.sched, "sigmas")
+                                              else self.sched.timesteps)).all():
+            raise ConfigError(f"the student's {type(self.sched).__name__} (the teacher's scheduler config, "
+                              f"shift_terminal={self.bundle.scheduler_config.get('shift_terminal')}) has no finite "
+                              f"{K}-step grid: train for >= 2 steps (--student_steps, or the rows' "
+                              "num_inference_steps)")
+        self._grids_ok.add(K)
 
     # ---- loss ---------------------------------------------------------------------------------
     def loss(self, phase, batch, step):
@@ -241,6 +267,7 @@ class Direct(Method):
                               "metadata written by `fewstep generate`); this data has none")
         B, res, dev = len(batch["caption"]), self.cfg.resolution, self.accelerator.device
         K, w = self._row_settings(meta, B)
+        self._check_grid(K)
         self.sampling.K, self.sampling.w = K, w
         shape = self.bundle.latent_shape(res, res)
         devices = meta.get("rand_device") or ["cpu"] * B
@@ -252,8 +279,10 @@ class Direct(Method):
                               f"{shape}: train at the resolution the data was generated at")
         denoise = self.denoiser(self.student, list(batch["caption"]), w)
         with self.accelerator.autocast():
+            # the grid the family's pipeline samples K steps on (FLUX: its own sigmas, not the scheduler's)
             states = unroll(denoise, self.sched, x_T, K, self.checkpoint,
-                            timestep_kwargs=self.bundle.timestep_kwargs(res, res))
+                            timestep_kwargs=self.bundle.timestep_kwargs(res, res, num_inference_steps=K,
+                                                                        scheduler=self.sched))
         z_K = states[-1].float()
         final = F.mse_loss(z_K, x_hat)
         logs = {"loss_final": final.detach()}

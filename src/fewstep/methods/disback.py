@@ -267,13 +267,13 @@ class DisBack(DMD2):
         return self.targets()[self.state.target_index] if self.state.stage == "backtracking" else None
 
     # ---- the real score is the current target -------------------------------------------------
-    def real_score(self, z, t, cond):
+    def real_score(self, z, t, cond, w=None):
         if self.current_target() is None:
-            return super().real_score(z, t, cond)
+            return super().real_score(z, t, cond, w)
         if self.lora:
             with active_adapter(self.bundle.denoiser, "target") as net:
-                return self.bundle.denoise(net, z, t, cond)
-        return self.bundle.denoise(self.target_unet, z, t, cond)
+                return self.bundle.denoise(net, z, t, cond, w)
+        return self.bundle.denoise(self.target_unet, z, t, cond, w)
 
     def loss(self, phase, batch, step):
         if self.state.stage == "degradation":

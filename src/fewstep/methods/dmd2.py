@@ -56,6 +56,15 @@ SDXL time ids (DMD2 reads a separate real-image set; both give real and generate
 fixed time ids); the regression term may also run inside a DMD2 run; the regression stage's LPIPS is
 the ``lpips`` package's VGG on the teacher's own VAE (DMD2: ``piq``'s LPIPS on a tiny VAE decoder); the
 fake score may be a LoRA over the teacher. Learning rates are recipe values, not family defaults.
+
+Guidance-distilled teachers (``guidance_embedding == "native"``: FLUX.1-dev takes the CFG scale as an
+input) run no cond ‖ uncond batch; all three networks are copies of that architecture and each gets a
+fixed guidance input: the real score ``--real_guidance_scale`` (the guided teacher, as CFG at that scale
+would give), the fake score ``--fake_guidance_scale`` when trained and when read (default 1: the
+unguided conditional model, as DMD2's fake score runs without CFG), and the generator
+``--real_guidance_scale``, the guidance it reproduces, so the exported student is sampled with
+``guidance_scale`` = ``--real_guidance_scale`` (the pipeline passes it to that input). DisBack's path
+points are read as the real score is.
 """
 
 from __future__ import annotations
@@ -69,9 +78,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, micro_conditioning, refuse_changed, teacher_uses
-from ..diffusion.guidance import cfg as cfg_combine
 from ..diffusion.noise import batch_noise
 from ..diffusion.sampling import make_scheduler, sample_images
+from ..diffusion.schedule import Prediction
 from ..export import export_pipeline
 from ..models.bundle import cat_cond, weight_dtype_of
 from ..models.lora import adapter_params, adapters_disabled, attach_lora, save_lora
@@ -394,14 +403,13 @@ class FakeScore(torch.nn.Module):
         out = self.unet(*args, **kwargs)
         if not self._classify:
             return out
-        return _Logits(self.cls_head(self._feat))
+        return _Logits((self.cls_head(self._feat),))
 
 
 class _Logits(tuple):
-    """The head's output where the bundle expects the denoiser's output (``.sample``, or ``[0]``)."""
-
-    def __new__(cls, value):
-        return super().__new__(cls, (value,))
+    """The head's output where the bundle expects the denoiser's output (``.sample``, or ``[0]``): built
+    as ``_Logits((logits,))``, a plain tuple's constructor, because under mixed precision accelerate's
+    fp32 output conversion rebuilds it as ``type(out)(converted elements)``."""
 
     @property
     def sample(self):
@@ -459,6 +467,7 @@ class DMD2(Method):
         wdt = weight_dtype_of(cfg.mixed_precision)
         dev = accelerator.device
         self.lora = mcfg.fake_score_lora_rank is not None
+        self.native = bundle.guidance_embedding == "native"
         # Trainable copies first, from the fp32 teacher weights, before the teacher is cast.
         self.generator = bundle.new_denoiser()
         if mcfg.generator_ckpt_path:
@@ -534,26 +543,44 @@ class DMD2(Method):
         levels = torch.tensor(training_timesteps(self.N, K, conditioning_level))
         return self.schedule.timestep(levels).tolist()
 
-    def real_score(self, z, t, cond):
-        """Raw output of the real score: the teacher (the shared network with adapters off, for LoRA)."""
+    def real_score(self, z, t, cond, w=None):
+        """Raw output of the real score: the teacher (the shared network with adapters off, for LoRA);
+        ``w``: the guidance input of a guidance-distilled teacher."""
         if self.lora:
             with adapters_disabled(self.bundle.denoiser) as base:
-                return self.bundle.denoise(base, z, t, cond)
-        return self.bundle.denoise(self.bundle.denoiser, z, t, cond)
+                return self.bundle.denoise(base, z, t, cond, w)
+        return self.bundle.denoise(self.bundle.denoiser, z, t, cond, w)
 
     def fake_score(self, z, t, cond, net=None):
-        return self.bundle.denoise(net if net is not None else self._guidance(), z, t, cond)
+        return self.bundle.denoise(net if net is not None else self._guidance(), z, t, cond, self._g_fake(z))
+
+    def _g(self, scale, z):
+        """The guidance input at CFG scale ``scale`` for a batch like ``z``, for guidance-distilled
+        architectures (None otherwise: they run CFG over a batch instead)."""
+        if not self.native:
+            return None
+        return torch.full((z.shape[0],), self.bundle.guidance_input(scale), device=z.device)
+
+    def _g_fake(self, z):
+        return self._g(self.mcfg.fake_guidance_scale, z)
+
+    def _g_gen(self, z):
+        return self._g(self.mcfg.real_guidance_scale, z)
 
     def _guided_x0(self, score, z, t, cond, scale):
-        """x̂₀ under classifier-free guidance x̂₀_u + s (x̂₀_c − x̂₀_u): cond and uncond in one batch."""
+        """x̂₀ under classifier-free guidance x̂₀_u + s (x̂₀_c − x̂₀_u), as the family's pipeline guides
+        (:meth:`~fewstep.models.base.ModelBundle.guide_prediction`): cond and uncond in one batch (a
+        guidance-distilled architecture reads it at guidance input s instead)."""
         sch, B = self.schedule, z.shape[0]
+        if self.native:
+            return sch.to_x0_eps(score(z, t, cond, self._g(scale, z)), z, t)[0]
         if scale == 1.0:
             return sch.to_x0_eps(score(z, t, cond), z, t)[0]
         zz, tt = torch.cat([z, z]), torch.cat([t, t])
         uncond = self.bundle.uncond(B, size=self._size(), like=cond)
-        x0 = sch.to_x0_eps(score(zz, tt, cat_cond(cond, uncond)), zz, tt)[0]
-        x0_c, x0_u = x0.chunk(2)
-        return cfg_combine(x0_c, x0_u, scale)
+        both = sch.predict(score(zz, tt, cat_cond(cond, uncond)), zz, tt)
+        c, u = (Prediction(*parts) for parts in zip(both.x0.chunk(2), both.eps.chunk(2), both.raw.chunk(2)))
+        return self.bundle.guide_prediction(c, u, z, t, scale, schedule=sch).x0
 
     def _size(self):
         return (self.cfg.resolution, self.cfg.resolution)
@@ -568,7 +595,7 @@ class DMD2(Method):
         return self.bundle.cond_from_text(text, self._size())
 
     def _generate_x0(self, gen, z, t, cond):
-        return self.bundle.predict(gen, z, t, cond, schedule=self.schedule).x0
+        return self.bundle.predict(gen, z, t, cond, self._g_gen(z), schedule=self.schedule).x0
 
     def generator_input(self, batch, cond, B):
         """(z, t) the generator is trained on, ALGORITHMS.md §5: one step, pure noise at the conditioning
@@ -624,8 +651,8 @@ class DMD2(Method):
             x_t = sch.add_noise(x.detach(), torch.randn_like(x), t)
             with torch.no_grad():
                 fake = self._guidance()
-                x0_fake = self._guided_x0(lambda a, b, c: self.fake_score(a, b, c, fake), x_t, t, cond,
-                                          m.fake_guidance_scale)
+                x0_fake = self._guided_x0(lambda a, b, c, w=None: self.bundle.denoise(fake, a, b, c, w), x_t, t,
+                                          cond, m.fake_guidance_scale)
                 x0_real = self._real_x0(x_t, t, cond)
             l_dm, g = dm_loss(x, x0_real, x0_fake)
             loss = loss + m.dm_loss_weight * l_dm
@@ -692,7 +719,7 @@ class DMD2(Method):
             t = sch.timestep(torch.full((B,), -1, device=x.device))  # the clean end (t = 0)
 
         with self._guidance().classifying():
-            return self.bundle.denoise(net, x, t, cond)
+            return self.bundle.denoise(net, x, t, cond, self._g_fake(x))
 
     @torch.no_grad()
     def generate(self, batch, cond, B):
@@ -741,7 +768,9 @@ class DMD2(Method):
             return None
         sched = self.scheduler(num_inference_steps)
         res = self.cfg.resolution
-        sched.set_timesteps(num_inference_steps, **self.bundle.timestep_kwargs(res, res))
+        # (the grid the family's pipeline would sample: FLUX and Qwen-Image pass their own sigmas)
+        sched.set_timesteps(num_inference_steps, **self.bundle.timestep_kwargs(
+            res, res, num_inference_steps=num_inference_steps, scheduler=sched))
         own = sched.timesteps.tolist()
         if all(abs(a - b) < 1e-3 for a, b in zip(own, self.timesteps)):
             return None
@@ -756,20 +785,32 @@ class DMD2(Method):
         res = self.cfg.resolution
         with self.accelerator.autocast():
             return sample_images(self.bundle, self._gen(), self.scheduler(num_inference_steps),
-                                 prompts, seeds, num_inference_steps, guidance_scale or 0.0, res, res,
-                                 timesteps=self.sampling_timesteps(num_inference_steps))
+                                 prompts, seeds, num_inference_steps, guidance_scale or self.default_guidance(),
+                                 res, res, timesteps=self.sampling_timesteps(num_inference_steps))
+
+    def default_guidance(self) -> float:
+        # CFG is distilled in: no CFG batch (0). A guidance-distilled generator keeps its guidance input at
+        # the scale it was trained with.
+        return self.mcfg.real_guidance_scale if self.native else 0.0
 
     def export(self, out_dir: Path):
         K = self.mcfg.num_denoising_step
         export_pipeline(self.bundle, self._gen(), self.scheduler(), out_dir,
                         vae_override=self.cfg.pretrained_vae_model_name_or_path)
         name = type(self.scheduler()).__name__
+        grid = (f"Trained at timesteps {_rounded(self.timesteps)}"
+                + (f" (fewer steps sample the scheduler's own grid for that count; {name} "
+                   f"is not trained for more than {K})" if K > 1 else ""))
         facts = {"scheduler": name, "num_inference_steps": K, "valid_steps": self.trained_steps(),
                  "guidance_scale": 0.0,
-                 "guidance_note": f"Trained at timesteps {_rounded(self.timesteps)}"
-                                  + (f" (fewer steps sample the scheduler's own grid for that count; {name} "
-                                     f"is not trained for more than {K})" if K > 1 else "")
-                                  + "; guidance is distilled in, sample with guidance_scale 0 (no CFG batch)."}
+                 "guidance_note": grid + "; guidance is distilled in, sample with guidance_scale 0 (no CFG batch)."}
+        if self.native:
+            g = self.mcfg.real_guidance_scale
+            facts["guidance_scale"] = g
+            facts["guidance_note"] = (f"{grid}. The generator keeps the transformer's guidance input and was "
+                                      f"trained with it at {g:g} (the teacher's guidance it reproduces): sample "
+                                      f"with guidance_scale {g:g}, which the pipeline passes to that input (no "
+                                      "CFG batch).")
         ts = self.sampling_timesteps(K)
         if ts:
             res = self.cfg.resolution

@@ -16,6 +16,12 @@ architecture takes one (UNets: ``time_cond_proj_dim``) and an EMA target network
 denoiser in memory; the student is the teacher plus LoRA adapters, the teacher is the same network with
 adapters disabled, no w embedding (guidance is baked in), and the target is the student itself, or an
 EMA copy of the adapters when ``--ema_decay`` is given.
+
+Guidance-distilled teachers (the bundle's ``guidance_embedding == "native"``: FLUX.1-dev, whose
+transformer takes the CFG scale as an input) are read there instead of through a cond ‖ uncond batch: the
+teacher step runs once at guidance input 1 + w, and the student (full or LoRA) and its target receive the
+same input 1 + w, so the exported student keeps the architecture's guidance input with its meaning (the
+guidance scale) and is sampled with ``guidance_scale`` in [1 + w_min, 1 + w_max], no CFG batch.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, micro_conditioning, refuse_changed, teacher_uses
-from ..diffusion.guidance import cfg_prediction
 from ..diffusion.sampling import make_scheduler, sample_images
 from ..diffusion.schedule import Prediction, pseudo_huber, skip_step_grid
 from ..export import export_pipeline
@@ -154,6 +159,9 @@ class LCM(Method):
         self.ema_pairs = None
         # The student takes w as an input only as a full model of a family that can embed it.
         self.embeds_w = not mcfg.lora and bundle.guidance_embedding == "new"
+        # A guidance-distilled teacher (FLUX.1-dev) takes the CFG scale as its own input: the teacher step
+        # reads it there (no uncond batch), and the student, full or LoRA, keeps that input at 1 + w.
+        self.native = bundle.guidance_embedding == "native"
         if mcfg.lora:
             # One denoiser: frozen base weights in the mixed-precision dtype, fp32 adapters on top.
             bundle.to(accelerator.device, dtype=wdt, denoiser_dtype=wdt)
@@ -194,20 +202,21 @@ class LCM(Method):
     def _predict(self, net, z, t, cond, w=None) -> Prediction:
         return self.bundle.predict(net, z, t, cond, w, schedule=self.schedule)
 
-    def _teacher(self, z, t, cond) -> Prediction:
+    def _teacher(self, z, t, cond, w=None) -> Prediction:
         if self.mcfg.lora:
             with adapters_disabled(self.accelerator.unwrap_model(self.student)) as base:
-                return self._predict(base, z, t, cond)
-        return self._predict(self.teacher, z, t, cond)
+                return self._predict(base, z, t, cond, w)
+        return self._predict(self.teacher, z, t, cond, w)
 
     def _target(self, z, t, cond, w) -> Prediction:
         if self.target is not None:
             return self._predict(self.target, z, t, cond, w)
         net = self.accelerator.unwrap_model(self.student)
+        w_lora = w if self.native else None  # (a LoRA student embeds no new w; a native one keeps its input)
         if self.ema_pairs is not None:
             with active_adapter(net, "ema"):
-                return self._predict(net, z, t, cond)
-        return self._predict(net, z, t, cond)  # μ = 0: the student itself, no gradient
+                return self._predict(net, z, t, cond, w_lora)
+        return self._predict(net, z, t, cond, w_lora)  # μ = 0: the student itself, no gradient
 
     def loss(self, phase, batch, step):
         m, sch, B = self.mcfg, self.schedule, len(batch["caption"])
@@ -223,6 +232,8 @@ class LCM(Method):
         z_s = sch.add_noise(x0, eps, s)
         w = m.w_min + (m.w_max - m.w_min) * torch.rand(B, device=dev)
         w_in = w if self.embeds_w else None
+        if self.native:
+            w_in = self.bundle.guidance_input(1.0 + w)  # the architecture's own input: the CFG scale 1 + w
         c_skip_s, c_out_s = (c.view(-1, 1, 1, 1) for c in sch.consistency_scalings(s, m.timestep_scaling_factor))
         c_skip_t, c_out_t = (c.view(-1, 1, 1, 1) for c in sch.consistency_scalings(t, m.timestep_scaling_factor))
 
@@ -230,14 +241,19 @@ class LCM(Method):
         f_theta = c_skip_s * z_s + c_out_s * self._predict(self.student, z_s, s, cond, w_in).x0
 
         with torch.no_grad():
-            # Teacher: one guided solver step s → t; cond and uncond in a single batched forward. The
-            # uncond half carries the cond half's image-size conditioning (SDXL's time ids), as the
-            # reference scripts and the pipeline give it.
-            uncond = self.bundle.uncond(B, like=cond)
-            both = self._teacher(torch.cat([z_s, z_s]), torch.cat([s, s]), cat_cond(cond, uncond))
-            cond_pred, uncond_pred = (Prediction(*parts) for parts in zip(
-                both.x0.chunk(2), both.eps.chunk(2), both.raw.chunk(2)))
-            guided = cfg_prediction(cond_pred, uncond_pred, w=w.view(-1, 1, 1, 1))  # CFG scale 1 + w
+            if self.native:  # the guidance-distilled teacher's output at guidance 1 + w is the guided one
+                guided = self._teacher(z_s, s, cond, w_in)
+            else:
+                # Teacher: one guided solver step s → t; cond and uncond in a single batched forward. The
+                # uncond half carries the cond half's image-size conditioning (SDXL's time ids), as the
+                # reference scripts and the pipeline give it.
+                uncond = self.bundle.uncond(B, like=cond)
+                both = self._teacher(torch.cat([z_s, z_s]), torch.cat([s, s]), cat_cond(cond, uncond))
+                cond_pred, uncond_pred = (Prediction(*parts) for parts in zip(
+                    both.x0.chunk(2), both.eps.chunk(2), both.raw.chunk(2)))
+                # CFG scale 1 + w, as the family's pipeline guides
+                guided = self.bundle.guide_prediction(cond_pred, uncond_pred, z_s, s, w=w.view(-1, 1, 1, 1),
+                                                      schedule=sch)
             z_t = sch.step(guided.x0, guided.eps, t)
             # Target: f_θ⁻(z_t, w, c, t) with the EMA network.
             target = c_skip_t * z_t + c_out_t * self._target(z_t, t, cond, w_in).x0
@@ -264,7 +280,10 @@ class LCM(Method):
                               timestep_scaling=self.mcfg.timestep_scaling_factor)
 
     def default_guidance(self) -> float:
-        # A student that embeds w runs no CFG batch: 8 = w 7 + 1. Baked-in guidance: CFG off at 1.0.
+        # A student that embeds w runs no CFG batch: 8 = w 7 + 1. Baked-in guidance: CFG off at 1.0. A
+        # guidance-distilled one: the middle of the scales 1 + w it was distilled at.
+        if self.native:
+            return 1.0 + (self.mcfg.w_min + self.mcfg.w_max) / 2
         return 8.0 if self.embeds_w else 1.0
 
     def trained_steps(self):
@@ -288,6 +307,12 @@ class LCM(Method):
         name = type(sched).__name__
         baked = (f"guidance was baked in at CFG scale 1 + w for w in [{self.mcfg.w_min}, {self.mcfg.w_max}]; sample "
                  "with guidance_scale 1 (no CFG batch) to 2.")
+        if self.native:
+            lo, hi = 1 + self.mcfg.w_min, 1 + self.mcfg.w_max
+            baked = (f"the transformer keeps its guidance input (guidance_embeds): it was distilled at guidance = "
+                     f"the teacher's guidance scale 1 + w for w in [{self.mcfg.w_min}, {self.mcfg.w_max}]; sample "
+                     f"with guidance_scale in [{lo:g}, {hi:g}], which the pipeline passes to that input (no CFG "
+                     "batch).")
         if self.mcfg.lora:
             save_lora(net, out_dir, self.bundle, self.bundle.root)
             sched.save_pretrained(Path(out_dir) / "scheduler")
@@ -296,6 +321,7 @@ class LCM(Method):
         export_pipeline(self.bundle, net, sched, out_dir, vae_override=self.cfg.pretrained_vae_model_name_or_path)
         note = ("The denoiser embeds the guidance scale (time_cond_proj_dim) and runs no CFG batch; it was trained "
                 f"on guidance_scale = w + 1 for w in [{self.mcfg.w_min}, {self.mcfg.w_max}]." if self.embeds_w
+                else baked[0].upper() + baked[1:] if self.native
                 else "This architecture takes no guidance input: " + baked)
         return {"scheduler": name, "num_inference_steps": 4, "valid_steps": self.trained_steps(), "guidance_scale": gs,
                 "guidance_note": note}

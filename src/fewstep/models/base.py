@@ -11,10 +11,15 @@ A method never asks which model it distils. It asks the bundle for capabilities 
 - **the denoiser**: :attr:`denoiser` (the teacher network), :meth:`denoise` (raw output),
   :meth:`new_denoiser` (a trainable copy, with a guidance embedding where :attr:`guidance_embedding`
   says the architecture takes one), :meth:`feature_tap` (features for a discriminator head);
-- **sampling**: :meth:`timestep_kwargs` (explicit timesteps and resolution-dependent shifts in the form
-  the family's scheduler and pipeline take), :meth:`schedule_for` (the training schedule at a size);
+- **guidance**: :meth:`guide` / :meth:`guide_prediction` (classifier-free guidance as the family's
+  pipeline combines cond and uncond), :attr:`cfg_batch`, :meth:`guidance_input` (what a denoiser with a
+  guidance embedding takes), :meth:`guidance_call_kwargs` / :attr:`pipeline_guidance_scale` (cards);
+- **sampling**: :meth:`timestep_kwargs` (explicit timesteps, the pipeline's own sampling grid
+  (:meth:`default_sigmas`) and resolution-dependent shifts in the form the family's scheduler and
+  pipeline take), :meth:`schedule_for` (the training schedule at a size), :meth:`pipeline_latents` /
+  :meth:`model_latents` (the layout the pipeline steps its scheduler in);
 - **outputs**: :attr:`denoiser_name`, :meth:`pipeline`, :attr:`lora_targets`, :meth:`lora_save_kwargs`,
-  :meth:`kohya_lora`.
+  :meth:`kohya_lora` / :meth:`lora_layouts`.
 
 A family is one module in this package that subclasses :class:`ModelBundle`, implements the abstract
 parts and registers itself in :data:`fewstep.models.bundle.FAMILIES` (docs/ADDING.md).
@@ -32,7 +37,11 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import ConfigError
-from ..diffusion.guidance import cat_cond  # noqa: F401  (re-exported: methods import it with the bundle)
+from ..diffusion.guidance import (
+    cat_cond,  # noqa: F401  (re-exported: methods import it with the bundle)
+    cfg,
+    cfg_prediction,
+)
 from ..diffusion.schedule import Prediction, Schedule, schedule_from_config
 
 Cond = dict[str, torch.Tensor]
@@ -60,7 +69,9 @@ def check_teacher_path(path: str, revision: str | None = None) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.txt", "*.safetensors",
+            # weights in the part folders only: FLUX.1 / SD3 / SD1.5 repositories also hold single-file
+            # checkpoints at their root (23.8 GB for FLUX.1-dev) that the diffusers layout does not use
+            return snapshot_download(path, revision=revision, allow_patterns=["*.json", "*.txt", "*/*.safetensors",
                                                                               "*.model"])
         except Exception as e:  # offline, private, or missing repo
             raise ConfigError(
@@ -125,10 +136,20 @@ class ModelBundle:
     # architecture already takes a guidance scale (guidance-distilled teachers); None: neither.
     guidance_embedding: ClassVar[str | None] = None
     micro_conditioning: ClassVar[bool] = False  # image size / crop conditioning (--use_fix_crop_and_size applies)
+    # Boolean settings that assert "the teacher is this family" (PaddleMIX's --is_sdxl): the config marks
+    # such a field, the family that it names lists it here, so config.py names no family.
+    family_flags: ClassVar[tuple[str, ...]] = ()
     # Whether the family's pipeline hands its generator to ``scheduler.step`` (StableDiffusionPipeline
     # does; StableDiffusion3Pipeline does not, so a stochastic scheduler there draws from torch's global
     # RNG): the sampler does the same, so that images equal the vanilla pipeline's.
     step_generator: ClassVar[bool] = True
+    # Whether samplers run CFG's uncond and cond as one batch (the SD pipelines do); False where the
+    # pipeline runs two forwards (Qwen-Image: prompts of different lengths), so that images equal its own.
+    cfg_batch: ClassVar[bool] = True
+    # Whether the pipeline call takes the sampling CFG scale as ``guidance_scale`` (model cards pass it);
+    # False where that argument only feeds a guidance embedding the family's released models lack and
+    # its CFG arguments all come from :meth:`guidance_call_kwargs` (QwenImagePipeline: ``true_cfg_scale``).
+    pipeline_guidance_scale: ClassVar[bool] = True
 
     def __init__(self, root: str, parts: dict[str, Any], scheduler_config: dict, vae_encode_batch_size: int = 32):
         self.root = root
@@ -204,6 +225,35 @@ class ModelBundle:
     def freeze(self) -> None:
         for m in self.modules().values():
             m.requires_grad_(False).eval()
+
+    def to_meta(self, text_encoders: bool = True) -> ModelBundle:
+        """Every network part of the folder (``model_index.json``'s diffusers and transformers models) as a
+        module of its architecture on the meta device: shapes and dtypes without storage, for counting
+        what a run holds (--dry_run). ``text_encoders=False``: none, as when training from a cache. Configs
+        already held (a --pretrained_vae_model's) are used. (Built under ``torch.device("meta")``, not
+        accelerate's ``init_empty_weights``, whose re-registered parameters would untie tied embeddings.)"""
+        import importlib
+        import json
+
+        index = json.loads((Path(self.root) / "model_index.json").read_text())
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list) or spec[0] not in ("diffusers", "transformers"):
+                continue
+            cls = getattr(importlib.import_module(spec[0]), spec[1], None)
+            if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+                continue  # tokenizers, schedulers
+            if name in self.text_parts and not text_encoders:
+                self.parts[name] = None
+                continue
+            held = self.parts.get(name)
+            with torch.device("meta"):
+                if spec[0] == "diffusers":
+                    cfg = held if isinstance(held, dict) else cls.load_config(self.root, subfolder=name)
+                    module = cls.from_config(cfg)
+                else:
+                    module = cls(cls.config_class.from_pretrained(self.root, subfolder=name))
+            self.parts[name] = module.requires_grad_(False).eval()
+        return self
 
     def part_dtype(self, name: str, dtype: torch.dtype | None) -> torch.dtype | None:
         """The dtype a frozen part is held in under the run's ``dtype`` (a family may keep one in fp32)."""
@@ -384,6 +434,44 @@ class ModelBundle:
         """Whether ``net`` takes the guidance scale as an input (so samplers run no CFG batch for it)."""
         return False
 
+    def guidance_input(self, scale):
+        """The ``w`` :meth:`denoise` takes for CFG scale ``scale`` (a number or a per-sample tensor) in a
+        denoiser that embeds guidance: LCM's weight w = s − 1 for a new embedding (``"new"``); families
+        whose architecture takes the scale itself (``"native"``) return ``scale``."""
+        return scale - 1.0
+
+    # ---- classifier-free guidance -----------------------------------------------------------------
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale=None, *, w=None) -> torch.Tensor:
+        """Classifier-free guidance of raw denoiser outputs as the family's pipeline combines them (scale
+        s, or the LCM papers' w = s − 1; :func:`fewstep.diffusion.guidance.cfg`). Samplers and methods
+        guide only through here, so a family whose pipeline modifies the guided output (a rescaling)
+        keeps its own guided ODE everywhere."""
+        return cfg(cond, uncond, scale, w=w)
+
+    def guide_prediction(self, cond: Prediction, uncond: Prediction, z: torch.Tensor, t: torch.Tensor, scale=None,
+                         *, w=None, schedule: Schedule | None = None) -> Prediction:
+        """The guided (x̂₀, ε̂) at (z, t) from the conditional and unconditional predictions. CFG is linear,
+        so by default x̂₀ and ε̂ are guided directly; a family whose guidance is not linear guides the raw
+        output (:meth:`guide`) and converts that."""
+        return cfg_prediction(cond, uncond, scale, w=w)
+
+    def guidance_call_kwargs(self, guidance_scale) -> dict:
+        """Pipeline-call arguments (besides ``guidance_scale``, which the card passes where
+        :attr:`pipeline_guidance_scale` says the pipeline takes it) that make the family's pipeline apply
+        guidance as fewstep's sampler does, for model cards and fewstep_sampling.json's ``pipeline_kwargs``;
+        {} where ``guidance_scale`` alone does. ``guidance_scale`` may be None (a card without one)."""
+        return {}
+
+    # The layout the family's pipeline keeps its latents (and steps its scheduler) in; samplers that draw
+    # noise per step must draw it in that layout to equal the pipeline (FLUX, Qwen-Image pack 2×2 patches).
+    def pipeline_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents in the pipeline's layout."""
+        return z
+
+    def model_latents(self, z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The inverse of :meth:`pipeline_latents` for an image of ``height`` × ``width`` pixels."""
+        return z
+
     @staticmethod
     def _cast_dtype(net, z: torch.Tensor) -> torch.dtype:
         """The dtype to feed ``net``: its weights' dtype, or the input's own under autocast (which casts
@@ -414,22 +502,38 @@ class ModelBundle:
     def schedule_for(self, height: int, width: int) -> Schedule:
         """The schedule a method trains with at this image size (the timestep shift may depend on it)."""
         mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
-        return schedule_from_config(self.scheduler_config, mu=mu).to(self.device) if mu is not None else self.schedule
+        if mu is None:
+            return self.schedule
+        sched = schedule_from_config(self.scheduler_config, mu=mu)
+        # (a bundle of configs only, as --dry_run and model cards read it, has no device)
+        return sched.to(self.device) if isinstance(self.parts.get("vae"), torch.nn.Module) else sched
 
-    def timestep_kwargs(self, height: int, width: int, timesteps: list | None = None) -> dict:
+    def default_sigmas(self, num_inference_steps: int, scheduler=None) -> list[float] | None:
+        """The sigmas the family's pipeline hands ``scheduler.set_timesteps`` when the caller gives none
+        (FLUX, Qwen-Image: ``linspace(1, 1/N, N)``), or None where the pipeline lets the scheduler make its
+        own grid."""
+        return None
+
+    def timestep_kwargs(self, height: int, width: int, timesteps: list | None = None,
+                        num_inference_steps: int | None = None, scheduler=None) -> dict:
         """``set_timesteps`` / pipeline-call arguments for sampling at this size: the resolution-dependent
         ``mu`` where the scheduler shifts by resolution, and explicit timesteps in the form the scheduler
         takes (DDPM tables: ``timesteps``; flow schedulers: ``sigmas``, which they shift themselves,
-        so the unshifted values are given)."""
+        so the unshifted values are given). Without explicit timesteps, ``num_inference_steps`` and
+        ``scheduler`` give the grid the family's pipeline would pass (:meth:`default_sigmas`)."""
         kw: dict = {}
         mu = self.shift_mu(height, width) if self.scheduler_config.get("use_dynamic_shifting") else None
         if mu is not None:
             kw["mu"] = mu
         if timesteps is None:
+            sigmas = self.default_sigmas(num_inference_steps, scheduler) if num_inference_steps else None
+            if sigmas is not None:
+                kw["sigmas"] = sigmas
             return kw
         if self.schedule.kind != "flow":
             return {**kw, "timesteps": [int(t) for t in timesteps]}
-        shift = self.schedule_for(height, width).shift
+        # (the table's shift at this size; no device needed, so configs-only bundles answer too)
+        shift = schedule_from_config(self.scheduler_config, mu=mu).shift if mu is not None else self.schedule.shift
         sig = [float(t) / self.schedule.num_train_timesteps for t in timesteps]
         return {**kw, "sigmas": [s / (shift - (shift - 1) * s) for s in sig]}  # the inverse of the shift map
 
@@ -441,6 +545,14 @@ class ModelBundle:
     def kohya_lora(self, peft_state_dict: dict[str, torch.Tensor], alpha: float) -> dict | None:
         """The LoRA in kohya / ComfyUI key layout, or None where the family has none."""
         return None
+
+    def lora_layouts(self, peft_state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, dict]:
+        """The LoRA in the family's other key layouts, by file name (next to ``pytorch_lora_weights.
+        safetensors``): the kohya file where :meth:`kohya_lora` gives one."""
+        from .lora import KOHYA_FILE
+
+        kohya = self.kohya_lora(peft_state_dict, alpha)
+        return {} if kohya is None else {KOHYA_FILE: kohya}
 
     # ---- outputs --------------------------------------------------------------------------------
     @property

@@ -27,16 +27,13 @@ from .base import (  # noqa: F401  (the names methods and commands import)
 
 # Family modules of this package, each with one ModelBundle subclass, tried in this order (the more
 # specific pipelines first: an SDXL folder also has a "unet").
-FAMILIES = [("sd3", "SD3Bundle"), ("sdxl", "SDXLBundle"), ("sd", "SDBundle")]
+FAMILIES = [("sd3", "SD3Bundle"), ("flux", "FluxBundle"), ("qwenimage", "QwenImageBundle"), ("sdxl", "SDXLBundle"),
+            ("sd", "SDBundle")]
 
 
 def family_classes() -> list[type[ModelBundle]]:
     return [getattr(importlib.import_module(f"{__package__}.{mod}"), name) for mod, name in FAMILIES]
 
-
-# Other tools' flags that assert the teacher's family (PaddleMIX's --is_sdxl): flag → family label. The
-# family itself always comes from the teacher's model_index.json; a flag that contradicts it is refused.
-FAMILY_FLAGS = {"is_sdxl": "sdxl"}
 
 
 def family_of(root: str) -> type[ModelBundle]:

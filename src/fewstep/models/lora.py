@@ -3,8 +3,9 @@ off, EMA adapter, save in the formats the ecosystem loads, load back, fuse.
 
 The diffusers file holds PEFT key names with their LoraConfig as metadata (what ``save_lora_weights``
 writes for peft models), under the denoiser's name (``unet.…`` / ``transformer.…``) as the family's
-pipeline expects; where the family has a kohya / ComfyUI layout (:meth:`ModelBundle.kohya_lora`) that
-file is written too. Target modules default to the family's (:attr:`ModelBundle.lora_targets`).
+pipeline expects; where the family has other layouts (a kohya / ComfyUI file, :meth:`ModelBundle.
+kohya_lora`; DiffSynth-Studio's; :meth:`ModelBundle.lora_layouts`) those files are written too. Target
+modules default to the family's (:attr:`ModelBundle.lora_targets`).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def lora_state_dict(net, adapter: str = "default") -> dict[str, torch.Tensor]:
 
 def save_lora(net, out_dir: Path, bundle, base_model: str, adapter: str = "default") -> None:
     """``pytorch_lora_weights.safetensors`` (diffusers keys, loadable by ``pipe.load_lora_weights``),
-    the kohya file where the family has that layout, and the metadata fewstep needs to reload."""
+    the family's other layouts (kohya, DiffSynth), and the metadata fewstep needs to reload."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -120,9 +121,8 @@ def save_lora(net, out_dir: Path, bundle, base_model: str, adapter: str = "defau
     # (its older "lora.down/up" naming loses the attention layers when loaded back).
     bundle.pipeline_cls.save_lora_weights(out_dir, safe_serialization=True,
                                           **bundle.lora_save_kwargs(peft_sd, cfg.to_dict()))
-    kohya = bundle.kohya_lora(peft_sd, cfg.lora_alpha)
-    if kohya is not None:
-        save_file(kohya, str(out_dir / KOHYA_FILE))
+    for name, layout in bundle.lora_layouts(peft_sd, cfg.lora_alpha).items():  # kohya, DiffSynth, ...
+        save_file(layout, str(out_dir / name))
     (out_dir / META_FILE).write_text(json.dumps(
         {"base_model": str(base_model), "rank": cfg.r, "lora_alpha": cfg.lora_alpha,
          "target_modules": sorted(cfg.target_modules)}, indent=2) + "\n")

@@ -25,6 +25,7 @@ class SDXLBundle(SDBundle):
     pipeline_class = "StableDiffusionXLPipeline"
     text_parts = ("text_encoder", "text_encoder_2")
     micro_conditioning = True
+    family_flags = ("is_sdxl",)  # PaddleMIX's train_lcm.py flag
 
     def __init__(self, root, parts, scheduler_config, vae_encode_batch_size=32, vae_is_fp16_safe=False,
                  use_fix_crop_and_size=False):

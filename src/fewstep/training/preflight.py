@@ -219,8 +219,6 @@ def check_teacher(spec: RunSpec, bundle) -> None:
     from ..runspec import check_preset_family
 
     cfg = spec.train
-    from ..models.bundle import FAMILY_FLAGS
-
     family = getattr(bundle, "family", None)  # (a method may hold no bundle)
     check_preset_family(cfg, family)  # (first: a preset of another family explains the refusals below)
     REGISTRY[cfg.method].check_setup(cfg, spec.method, bundle)
@@ -229,9 +227,9 @@ def check_teacher(spec: RunSpec, bundle) -> None:
 
         check_teacher_settings(spec, bundle)
     for f in dataclasses.fields(cfg):
-        want = FAMILY_FLAGS.get(f.name)
         value = getattr(cfg, f.name)
-        if want and value is not None and family is not None and value != (family == want):
+        if (f.metadata.get("family_flag") and value is not None and family is not None
+                and value != (f.name in bundle.family_flags)):
             raise ConfigError(f"--{f.name} {value}: {cfg.pretrained_teacher_model} is a {family} teacher "
                               f"(from its model_index.json); fewstep picks the family itself: drop --{f.name}")
     if bundle is not None and isinstance(bundle.denoiser, dict):

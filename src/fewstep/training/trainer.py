@@ -693,7 +693,8 @@ class Trainer:
         b = self.bundle
         write_model_card(self.out, cfg.pretrained_teacher_model, cfg.method, facts,
                          load_args=b.card_load_args() if b is not None else "",
-                         call_kwargs=b.call_kwargs() if b is not None else None)
+                         call_kwargs={**b.call_kwargs(), **b.guidance_call_kwargs(facts.get("guidance_scale"))}
+                         if b is not None else None, guidance_arg=b is None or b.pipeline_guidance_scale)
         log.info("student written to %s", self.out)
         return self.out
 

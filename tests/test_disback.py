@@ -100,7 +100,7 @@ def test_target_load_is_strict(tiny_teacher, caption_folder, tmp_path):
     sd = load_file(str(bad))
     save_file({f"unet.{k}": v for k, v in sd.items()}, str(bad))  # prefixed keys, as the public code's trap
     tr.method.state.target_index = 0
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(RuntimeError, match="does not fit the .target. network: missing"):
         tr.method.load_target()
 
 

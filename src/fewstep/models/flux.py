@@ -272,7 +272,8 @@ class FluxBundle(ModelBundle):
 
             return [net.register_forward_pre_hook(grab_size, with_kwargs=True), mid.register_forward_hook(fold)]
 
-        return Tap(net.config.num_attention_heads * net.config.attention_head_dim, attach)
+        return Tap(net.config.num_attention_heads * net.config.attention_head_dim, attach,
+                   lambda h, w: (h // 2, w // 2))  # tokens of 2×2 latent patches
 
     # ---- LoRA ------------------------------------------------------------------------------------
     def kohya_lora(self, peft_state_dict: dict[str, torch.Tensor], alpha: float) -> dict:

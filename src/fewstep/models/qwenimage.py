@@ -262,7 +262,8 @@ class QwenImageBundle(ModelBundle):
 
             return [net.register_forward_pre_hook(grab_size, with_kwargs=True), mid.register_forward_hook(fold)]
 
-        return Tap(net.config.num_attention_heads * net.config.attention_head_dim, attach)
+        return Tap(net.config.num_attention_heads * net.config.attention_head_dim, attach,
+                   lambda h, w: (h // 2, w // 2))  # tokens of 2×2 latent patches
 
     # ---- guidance -------------------------------------------------------------------------------
     def guide(self, cond, uncond, scale=None, *, w=None):

@@ -16,7 +16,7 @@ def _torchrun(args, timeout=300):
 
 
 # Slow tier for now: since the FSDP merge (issue 20) its resume half has hung twice when run inside the
-# whole default suite (one rank gone, the other waiting; 300 s timeout), never alone (3/3 pass, ~25 s).
+# whole default suite (one rank gone, the other waiting; 300 s timeout), not when run alone (24 s).
 # Tracked on issue 20 (run it with `pytest -m slow tests/test_multiprocess.py`).
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, caption_folder, tmp_path):

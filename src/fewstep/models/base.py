@@ -28,6 +28,7 @@ parts and registers itself in :data:`fewstep.models.bundle.FAMILIES` (docs/ADDIN
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,21 @@ def check_teacher_path(path: str, revision: str | None = None) -> str:
                 f"({type(e).__name__}: {e}). Download it first or pass a local diffusers folder."
             ) from None
     raise ConfigError(f"--pretrained_teacher_model {path}: no such folder")
+
+
+def checked_index(root: str, parts, what: str) -> dict:
+    """A teacher folder's model_index.json, refused (naming ``what`` it is not) when a part is missing."""
+    index = json.loads((Path(root) / "model_index.json").read_text())
+    missing = [p for p in parts if not index.get(p) or index[p][0] is None]
+    if missing:
+        raise ConfigError(f"{root}/model_index.json lacks {', '.join(missing)}: {what}")
+    return index
+
+
+def config_parts(root: str, vae_path: str | None, denoiser_cls, vae_cls, denoiser: str = "transformer") -> dict:
+    """The configs (no weights) of a teacher's denoiser and VAE, for ``--dry_run`` (``weights=False``)."""
+    return {denoiser: denoiser_cls.load_config(root, subfolder=denoiser),
+            "vae": vae_cls.load_config(vae_path or root, subfolder=None if vae_path else "vae")}
 
 
 def weight_dtype_of(mixed_precision: str) -> torch.dtype:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .base import Cond, ModelBundle, Tap, check_teacher_path, net_config
+from .base import Cond, ModelBundle, Tap, check_teacher_path, checked_index, config_parts, net_config
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 # diffusers' FLUX DreamBooth-LoRA default: the attention projections of both streams and both feed-forwards
@@ -134,15 +134,10 @@ class FluxBundle(ModelBundle):
         )
 
         root = check_teacher_path(path, revision)
-        index = json.loads((Path(root) / "model_index.json").read_text())
-        missing = [p for p in PARTS if not index.get(p) or index[p][0] is None]
-        if missing:
-            raise ConfigError(f"{root}/model_index.json lacks {', '.join(missing)}: not a complete FluxPipeline")
+        checked_index(root, PARTS, "not a complete FluxPipeline")
         sched_cfg = FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")
         if not weights:
-            parts = {"transformer": FluxTransformer2DModel.load_config(root, subfolder="transformer"),
-                     "vae": AutoencoderKL.load_config(vae_path or root, subfolder=None if vae_path else "vae")}
-            return cls(root, parts, sched_cfg, vae_encode_batch_size)
+            return cls(root, config_parts(root, vae_path, FluxTransformer2DModel, AutoencoderKL), sched_cfg, vae_encode_batch_size)
         kw = {}
         if vae_path:
             kw["vae"] = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .base import Cond, ModelBundle, Tap, check_teacher_path
+from .base import Cond, ModelBundle, Tap, check_teacher_path, checked_index, config_parts
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # DiffSynth-Studio's Qwen-Image-Distill-LoRA targets: the joint attention of both streams, the second
@@ -104,15 +104,10 @@ class QwenImageBundle(ModelBundle):
         )
 
         root = check_teacher_path(path, revision)
-        index = json.loads((Path(root) / "model_index.json").read_text())
-        missing = [p for p in PARTS if not index.get(p) or index[p][0] is None]
-        if missing:
-            raise ConfigError(f"{root}/model_index.json lacks {', '.join(missing)}: not a QwenImagePipeline")
+        checked_index(root, PARTS, "not a QwenImagePipeline")
         sched_cfg = FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")
         if not weights:
-            parts = {"transformer": QwenImageTransformer2DModel.load_config(root, subfolder="transformer"),
-                     "vae": AutoencoderKLQwenImage.load_config(vae_path or root, subfolder=None if vae_path else "vae")}
-            return cls(root, parts, sched_cfg, vae_encode_batch_size)
+            return cls(root, config_parts(root, vae_path, QwenImageTransformer2DModel, AutoencoderKLQwenImage), sched_cfg, vae_encode_batch_size)
         kw = {}
         if vae_path:
             kw["vae"] = AutoencoderKLQwenImage.from_pretrained(vae_path, torch_dtype=torch.float32)

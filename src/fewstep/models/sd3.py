@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .base import Cond, ModelBundle, Tap, check_teacher_path
+from .base import Cond, ModelBundle, Tap, check_teacher_path, checked_index, config_parts
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 # diffusers' SD3 DreamBooth-LoRA default: the joint attention's projections of both streams.
@@ -67,15 +67,10 @@ class SD3Bundle(ModelBundle):
         )
 
         root = check_teacher_path(path, revision)
-        index = json.loads((Path(root) / "model_index.json").read_text())
-        missing = [p for p in PARTS if not index.get(p) or index[p][0] is None]
-        if missing:
-            raise ConfigError(f"{root}/model_index.json lacks {', '.join(missing)}: not a StableDiffusion3Pipeline")
+        index = checked_index(root, PARTS, "not a StableDiffusion3Pipeline")
         sched_cfg = FlowMatchEulerDiscreteScheduler.load_config(root, subfolder="scheduler")
         if not weights:
-            parts = {"transformer": SD3Transformer2DModel.load_config(root, subfolder="transformer"),
-                     "vae": AutoencoderKL.load_config(vae_path or root, subfolder=None if vae_path else "vae")}
-            return cls(root, parts, sched_cfg, vae_encode_batch_size)
+            return cls(root, config_parts(root, vae_path, SD3Transformer2DModel, AutoencoderKL), sched_cfg, vae_encode_batch_size)
         kw = {}
         if vae_path:
             kw["vae"] = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32)

@@ -14,6 +14,17 @@ torch.set_num_threads(2)
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for one multi-process launch's rendezvous. Launches on the default
+    port (29500) meet any other job on the machine that uses it and join its store: both hang (a torchrun
+    job running beside the two-process test made it wait until its timeout). torchrun takes --standalone."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     from fewstep.testing import build_tiny_sd

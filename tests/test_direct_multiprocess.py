@@ -13,7 +13,8 @@ from conftest import run_args
 
 
 def _torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fewstep", *args]
+    # --standalone: a free port for the rendezvous (conftest.free_port says why)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fewstep", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from fewstep.cli import main
 from fewstep.methods import REGISTRY
 
@@ -43,7 +44,7 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(caption_folder, tm
 
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           str(HERE / "probe_method.py"), "distill", *probe_args(caption_folder, two, 2)]
+           "--main_process_port", str(free_port()), str(HERE / "probe_method.py"), "distill", *probe_args(caption_folder, two, 2)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 

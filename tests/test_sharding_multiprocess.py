@@ -36,6 +36,10 @@ CASES = {
     "lcm": dict(method="lcm"),
     "lcm-lora": dict(method="lcm", lora_rank=4, ema_decay=0.9),
     "dmd2": dict(method="dmd2", dfake_gen_update_ratio=1, learning_rate=1e-3),
+    # both GAN terms (the head on a feature inside the sharded fake score); the pooled head, see
+    # tests/test_sharding.py for why not the default one on this 32-px teacher
+    "dmd2-gan": dict(method="dmd2", dfake_gen_update_ratio=1, learning_rate=1e-3, gen_cls_loss_weight=0.5,
+                     guidance_cls_loss_weight=0.5, gan_head="pooled"),
 }
 
 

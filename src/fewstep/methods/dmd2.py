@@ -279,11 +279,6 @@ class DMD2Config:
                            "generator without the GAN's discriminator or the regression loss needs captions only)")
         if not cfg.validation_steps:
             refuse_changed(cfg, ("validation_guidance_scale",), "with --validation_steps 0: drop it")
-        if cfg.fsdp and self.gan:
-            # The head's gradient enters the fake score at its bottleneck feature, not at its output, where a
-            # sharded network's backward would gather the parameters outside its blocks (docs/SHARDING.md).
-            raise ConfigError("--fsdp with DMD2's GAN terms (--gen_cls_loss_weight / --guidance_cls_loss_weight > 0) "
-                              "is not supported yet: set both to 0, or train without --fsdp")
 
     def uses(self, cfg, bundle=None) -> dict:
         """The keys this run uses (config.used_settings)."""
@@ -376,12 +371,20 @@ class FakeScore(torch.nn.Module):
     """The trainable "guidance" group: the fake-score denoiser and the optional GAN head, one module so
     that one optimizer (and accelerate's wrapping) covers both. ``forward`` is the denoiser's; inside
     :meth:`classifying` it returns the head's logits on the features ``tap`` reads during that same
-    forward. (The denoiser's attribute is ``unet`` for every family: checkpoints store it by that name.)"""
+    forward. (The denoiser's attribute is ``unet`` for every family: checkpoints store it by that name.)
 
-    def __init__(self, unet, head: ClassifierHead | None = None, tap=None):
+    ``whole_backward`` (under --fsdp): the logits carry the denoiser's output with weight 0. The head reads
+    a feature inside the denoiser, so its loss alone would not reach the denoiser's output, and a sharded
+    network starts its backward there: gathering the parameters outside its blocks (the input layers,
+    time embedding, a UNet's mid block) for the backward and reducing their gradients afterwards. With
+    the output in the graph the backward is the network's usual one; its blocks after the tapped feature
+    get exact zeros (the cost: their backward, only under --fsdp)."""
+
+    def __init__(self, unet, head: ClassifierHead | None = None, tap=None, whole_backward: bool = False):
         super().__init__()
         self.unet = unet
         self.cls_head = head
+        self.whole_backward = whole_backward
         self._feat = None
         self._classify = False
         if head is not None:
@@ -403,7 +406,10 @@ class FakeScore(torch.nn.Module):
         out = self.unet(*args, **kwargs)
         if not self._classify:
             return out
-        return _Logits((self.cls_head(self._feat),))
+        logits = self.cls_head(self._feat)
+        if self.whole_backward:
+            logits = logits + 0.0 * (out if torch.is_tensor(out) else out[0]).sum()
+        return _Logits((logits,))
 
 
 class _Logits(tuple):
@@ -487,7 +493,7 @@ class DMD2(Method):
         if mcfg.gan:
             tap = bundle.feature_tap(fake_net)
             head = ClassifierHead(tap.channels, tap.size(*self._latent_shape(1)[-2:]), mcfg.gan_head)
-        self.guidance = None if mcfg.regression_only else FakeScore(fake_net, head, tap).to(dev)
+        self.guidance = None if mcfg.regression_only else FakeScore(fake_net, head, tap, whole_backward=cfg.fsdp).to(dev)
         self.generator.to(dev)
         self.lpips = None
         if mcfg.regression_loss == "lpips":

@@ -33,17 +33,28 @@ def unet(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(out) / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_one_rank_fsdp_trains_what_the_plain_run_trains_and_exports_offline(tiny_teacher, caption_folder, tmp_path):
+LCM_KW = dict(max_train_steps=3, checkpointing_steps=3, learning_rate=1e-3, rng_streams="batch")
+
+
+@pytest.fixture(scope="module")
+def plain_lcm(tiny_teacher, caption_folder, tmp_path_factory) -> Path:
+    """The plain (unsharded) lcm run the one-rank --fsdp runs below are compared with."""
+    out = tmp_path_factory.mktemp("plain-lcm") / "plain"
+    distill(*run_args(tiny_teacher, caption_folder, out, **LCM_KW))
+    return out
+
+
+def test_one_rank_fsdp_trains_what_the_plain_run_trains_and_exports_offline(tiny_teacher, caption_folder, plain_lcm,
+                                                                             tmp_path):
     """lcm, 3 steps, per-batch random streams on both sides: the sharded run's export equals the plain
     run's (one rank: the same sums up to fp32 rounding, each tensor within 1e-5 of its norm); its checkpoint holds the
     sharded state in the manifest, and `fewstep export --from_checkpoint` writes the run's own export
     byte for byte."""
-    kw = dict(max_train_steps=3, checkpointing_steps=3, learning_rate=1e-3, rng_streams="batch")
-    distill(*run_args(tiny_teacher, caption_folder, tmp_path / "plain", **kw))
+    kw = LCM_KW
     # (with the networks' gradient checkpointing, which recomputes each block's forward inside backward:
     # the same numbers)
     distill(*run_args(tiny_teacher, caption_folder, tmp_path / "fsdp", fsdp="true", gradient_checkpointing="true", **kw))
-    a, b = unet(tmp_path / "plain"), unet(tmp_path / "fsdp")
+    a, b = unet(plain_lcm), unet(tmp_path / "fsdp")
     start = unet(tiny_teacher)
     assert a.keys() == b.keys()
     assert any(k in start and not torch.equal(a[k], start[k]) for k in a)  # it trained
@@ -61,7 +72,7 @@ def test_one_rank_fsdp_trains_what_the_plain_run_trains_and_exports_offline(tiny
         assert (tmp_path / "fsdp" / f).read_bytes() == (tmp_path / "offline" / f).read_bytes(), f
     # the same converter reads a plain (accelerate) checkpoint
     r = subprocess.run([sys.executable, "-m", "fewstep", "export", "--from_checkpoint",
-                        str(tmp_path / "plain" / "checkpoint-3"), "--output_dir", str(tmp_path / "offline-plain")],
+                        str(plain_lcm / "checkpoint-3"), "--output_dir", str(tmp_path / "offline-plain")],
                        capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert unet(tmp_path / "offline-plain").keys() == a.keys()
@@ -71,6 +82,26 @@ def test_one_rank_fsdp_trains_what_the_plain_run_trains_and_exports_offline(tiny
     r = distill(*run_args(tiny_teacher, caption_folder, tmp_path / "fsdp", resume_from_checkpoint=str(ckpt),
                           **{**kw, "max_train_steps": 4}), expect=2)
     assert "--fsdp" in r.stderr
+
+
+def test_one_rank_fsdp_with_named_unit_classes(tiny_teacher, caption_folder, plain_lcm, tmp_path):
+    """--fsdp_wrap (accelerate's fsdp_transformer_layer_cls_to_wrap): the units are the instances of the
+    named classes — the log counts them per network, each network's root adding one — and the run trains
+    what the plain run trains; a class no network has is refused naming the classes there are."""
+    from diffusers import UNet2DConditionModel
+
+    names = ["ResnetBlock2D", "BasicTransformerBlock"]
+    r = distill(*run_args(tiny_teacher, caption_folder, tmp_path / "wrap", fsdp="true", fsdp_wrap=",".join(names),
+                          **LCM_KW))
+    n = sum(type(m).__name__ in names for m in UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet").modules())
+    student = [line for line in r.stderr.splitlines() if line.split()[:1] == ["student"]]
+    assert student and f"({n + 1} units)" in student[0], (n, student)
+    a, b = unet(plain_lcm), unet(tmp_path / "wrap")
+    for k in a:
+        assert float((a[k].double() - b[k].double()).norm()) <= 1e-5 * max(float(a[k].double().norm()), 1e-12), k
+    r = distill(*run_args(tiny_teacher, caption_folder, tmp_path / "bad", fsdp="true", fsdp_wrap="NoSuchBlock",
+                          **LCM_KW), expect=2)
+    assert "--fsdp_wrap NoSuchBlock: no module" in r.stderr and "ResnetBlock2D" in r.stderr
 
 
 def denoiser(out: Path) -> dict[str, torch.Tensor]:

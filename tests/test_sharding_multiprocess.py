@@ -269,3 +269,22 @@ def test_bytes_held_per_rank_fsdp_vs_ddp(tiny_teacher, caption_folder, tmp_path)
     total = sum(r["trained_params"] + r["optimizer_state"] for r in held["fsdp"])
     assert total == pytest.approx(ddp["trained_params"] + ddp["optimizer_state"], rel=0.02)  # (padding aside)
     print(json.dumps(held))
+
+
+@pytest.mark.slow  # two launches
+def test_fsdp_validation_grid_on_two_ranks(tiny_teacher, caption_folder, tmp_path):
+    """Validation under --fsdp: every rank runs the sampler (each forward gathers the shards), the main
+    process alone writes the grid, and no rank waits for another; the 2-process grid equals the 1-process
+    one (the same weights up to fp32 rounding: within one 8-bit level)."""
+    import numpy as np
+    from PIL import Image
+
+    grids = {}
+    for procs in (2, 1):
+        out = tmp_path / f"p{procs}"
+        _ok(launch(_args(tiny_teacher, caption_folder, out, procs, True, max_train_steps=2, validation_steps=2,
+                         validation_prompts="a photo of a cat"), procs))
+        (png,) = (out / "validation").glob("step-*.png")
+        grids[procs] = np.asarray(Image.open(png)).astype(int)
+    assert grids[2].shape == grids[1].shape and grids[1].std() > 0
+    assert np.abs(grids[2] - grids[1]).max() <= 1

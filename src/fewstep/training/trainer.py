@@ -328,6 +328,7 @@ class Trainer:
             set_seed(cfg.seed, device_specific=True)
         speed_setup(cfg, self.method, self.bundle, acc.device)
         groups = self.method.groups()
+        zero.check_groups(acc, groups)
         if cfg.enable_xformers_memory_efficient_attention:
             for g in groups.values():
                 if hasattr(g.module, "enable_xformers_memory_efficient_attention"):

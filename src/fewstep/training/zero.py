@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -39,8 +40,8 @@ def stage(acc) -> int | None:
 
 
 def configure(acc, cfg) -> None:
-    """The DeepSpeed config's batch size per device: fewstep prepares its data loader apart from the
-    networks, so accelerate cannot read it from there."""
+    """What the DeepSpeed config leaves to the program: the batch size per device (fewstep prepares its
+    data loader apart from the networks, so accelerate cannot read it there) and the clipping bound."""
     if stage(acc) is None:
         return
     plugin = acc.state.deepspeed_plugin
@@ -54,6 +55,20 @@ def configure(acc, cfg) -> None:
     ds = plugin.deepspeed_config
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        # (accelerate would fill in 1.0; a config without the key would not clip at all): --max_grad_norm,
+        # which config.apply_deepspeed_settings made the config's value where it gives one
+        ds["gradient_clipping"] = max(float(cfg.max_grad_norm), 0.0)
+
+
+def check_groups(acc, groups: dict) -> None:
+    """One trained network per DeepSpeed run: accelerate builds one engine (one model, one optimizer)."""
+    if stage(acc) is not None and len(groups) > 1:
+        from ..config import ConfigError
+
+        raise ConfigError(f"this run trains {len(groups)} networks ({', '.join(groups)}), each with its own optimizer; "
+                          "accelerate's DeepSpeed integration gives a run one engine (one network): launch it with "
+                          "configs/accelerate/fsdp.yaml (fewstep shards every network itself) or multi_gpu.yaml")
 
 
 def partitioned(p) -> bool:
@@ -108,3 +123,34 @@ def full_weights(nets: list[tuple[torch.nn.Module, dict[str, torch.dtype]]]):
         finally:
             for p, data in swapped:  # (before the gathers end: they release the tensors they gathered)
                 p.data = data
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+# accelerate's save_state under DeepSpeed has each engine write its own folder, ``pytorch_model`` (then
+# ``pytorch_model_1``, ...), every rank its partitions of the module and of the optimizer's fp32 master
+# weights, plus a ``latest`` file naming the folder. fewstep's manifest lists every file the ranks wrote.
+
+def checkpoint_tags(ckpt: Path) -> list[str]:
+    """The engines' folders in a checkpoint written under DeepSpeed (none otherwise)."""
+    ckpt = Path(ckpt)
+    return sorted(d.name for d in ckpt.glob("pytorch_model*") if d.is_dir() and any(d.glob("*_model_states.pt")))
+
+
+def consolidated(ckpt: Path, index: int, name: str) -> dict[str, torch.Tensor]:
+    """The full state dict of the ``index``-th prepared network of a DeepSpeed checkpoint (the trained
+    parameters from the optimizer's fp32 master partitions, the frozen ones from the module's), joined in
+    this process: no process group, whatever number of ranks wrote it."""
+    tag = "pytorch_model" if index == 0 else f"pytorch_model_{index}"
+    if not (Path(ckpt) / tag).is_dir():
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(f"{ckpt}: {tag}/ (the {name} network's DeepSpeed partitions) is missing")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        from ..config import ConfigError
+
+        raise ConfigError(f"{ckpt} was written by a DeepSpeed run; reading its partitions needs deepspeed: "
+                          "pip install 'fewstep[deepspeed]' (see tests/test_deepspeed.py for a CPU-only "
+                          "install)") from None
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)

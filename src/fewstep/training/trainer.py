@@ -788,7 +788,7 @@ class Trainer:
             with acc.accumulate(module):
                 # Every network the method runs (frozen teacher and target included) under the mixed-
                 # precision autocast, as the trainable ones already are through accelerate's wrapper.
-                with acc.autocast():
+                with acc.autocast(), zero.autocast(acc):
                     out = self.method.loss(phase, batch, st.step)
                 loss_bad = loss_bad + (~torch.isfinite(out.loss.detach().float())).any().float()
                 for k, v in out.logs.items():
@@ -913,7 +913,7 @@ class Trainer:
                      "%s clamped into that range)", steps, "–".join(map(str, sorted(set(self.method.trained_steps())))),
                      cfg.validation_inference_steps)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):  # validation never shifts the training RNG
+        with torch.random.fork_rng(devices=devices), zero.autocast(self.acc):  # (never shifts the training RNG)
             rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale) for n in steps]
         if not self.acc.is_main_process:
             self.acc.wait_for_everyone()

@@ -61,6 +61,19 @@ def configure(acc, cfg) -> None:
         ds["gradient_clipping"] = max(float(cfg.max_grad_norm), 0.0)
 
 
+def autocast(acc):
+    """The mixed-precision autocast of a DeepSpeed run (else a no-op; accelerate's own ``autocast()`` does it
+    there). accelerate turns its autocast off under DeepSpeed, whose engine holds the trained network in
+    fp16/bf16 itself; but the method's other networks (the frozen teacher and EMA target in fp32, the VAE)
+    would then run in fp32, and the trained one with its norms and softmax in half precision: each
+    unlike a run without DeepSpeed (measured on the tiny SD teacher, bf16: step losses 4 % off, 0.2 % with
+    this autocast)."""
+    if stage(acc) is None or acc.mixed_precision not in ("fp16", "bf16"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if acc.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=acc.device.type, dtype=dtype)
+
+
 def check_groups(acc, groups: dict) -> None:
     """One trained network per DeepSpeed run: accelerate builds one engine (one model, one optimizer)."""
     if stage(acc) is not None and len(groups) > 1:

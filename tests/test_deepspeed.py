@@ -307,3 +307,24 @@ def test_deepspeed_config_contradictions_refused(env, argv, words, monkeypatch, 
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(f)
     with pytest.raises(ConfigError, match=words.replace("-", "\\-").replace(".", "\\.")):
         _resolve(monkeypatch, env, argv)
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_shipped_deepspeed_configs_as_each_rank_reads_them(name, monkeypatch):
+    """The shipped yaml through accelerate's own launcher code (the environment each rank gets): its
+    accumulation and clipping are fewstep's settings; a command line that contradicts them is refused."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    from fewstep.config import ConfigError
+
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / f"{name}.yaml"), "-m", "fewstep"])
+    args = _validate_launch_command(args)[0]
+    args.deepspeed_fields_from_accelerate_config = "zero_stage,gradient_accumulation_steps,gradient_clipping"
+    env = prepare_deepspeed_cmd_env(args)[1]
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == name[-1]
+    ds = {k: v for k, v in env.items() if k.startswith("ACCELERATE_") and k != "ACCELERATE_USE_DEEPSPEED"}
+    cfg = _resolve(monkeypatch, ds, ["--max_grad_norm", "1.0"])
+    assert (cfg.gradient_accumulation_steps, cfg.max_grad_norm) == (1, 1.0)
+    with pytest.raises(ConfigError, match="--gradient_accumulation_steps 4 contradicts"):
+        _resolve(monkeypatch, ds, ["--gradient_accumulation_steps", "4"])

@@ -1,8 +1,11 @@
 """DeepSpeed ZeRO through ``accelerate launch`` with a DeepSpeed config (configs/accelerate/deepspeed_zero*.yaml):
-how the trainer's Accelerator is set up for it, and the gathers of parameters that ZeRO-3 partitions.
+how the trainer's Accelerator and the engine's config are set up for it, the autocast accelerate leaves
+out under DeepSpeed, the gathers of the parameters ZeRO-3 partitions (EMA updates, exports of the fp32
+master weights), and reading an engine's checkpoint partitions back in one process.
 
-accelerate gives one DeepSpeed engine per run, so a method with one trainable network (lcm, lcm LoRA,
-direct) is what runs under it; fewstep's own sharding (--fsdp, training/sharding.py) covers the others.
+accelerate gives one DeepSpeed engine per run, so a method with one trainable network runs under it (lcm
+and lcm LoRA are tested: tests/test_deepspeed.py; direct has one too, untested there); runs with several
+are refused, fewstep's own sharding (--fsdp, training/sharding.py) covers them.
 
 CPU processes. accelerate's DeepSpeed path is taken only with ``Accelerator(cpu=False)`` (``cpu=True`` falls
 back to a plain gloo DDP run, silently), and on a machine without a GPU it finds no process-group backend

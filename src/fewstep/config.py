@@ -839,6 +839,7 @@ def apply_launcher_settings(c) -> None:
         if c.fsdp:
             raise ConfigError("--fsdp and an accelerate DeepSpeed config exclude each other: launch with "
                               "configs/accelerate/fsdp.yaml, or drop --fsdp")
+        apply_deepspeed_settings(c)
         return
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return
@@ -877,6 +878,67 @@ def apply_launcher_settings(c) -> None:
     if plugin.activation_checkpointing:
         c.gradient_checkpointing = True  # (the networks' own checkpointing: diffusers' blocks)
     c.fsdp = True
+
+
+def launcher_deepspeed() -> tuple[str, dict[str, Any]]:
+    """Where an ``accelerate launch`` DeepSpeed config lives and the settings of it that fewstep reads:
+    the DeepSpeed JSON (``deepspeed_config_file``) or the yaml's ``deepspeed_config`` keys, which the
+    launcher passes on as environment variables. Values "auto" (filled from fewstep's) are left out."""
+    env = os.environ
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path.lower() != "none":
+        try:
+            ds = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"the DeepSpeed config {path} cannot be read: {e}") from None
+        zero = ds.get("zero_optimization") or {}
+        raw = {"gradient_accumulation_steps": ds.get("gradient_accumulation_steps"),
+               "max_grad_norm": ds.get("gradient_clipping"),
+               "train_batch_size": ds.get("train_micro_batch_size_per_gpu"),
+               "fp16": (ds.get("fp16") or {}).get("enabled"), "bf16": (ds.get("bf16") or {}).get("enabled"),
+               "zero_stage": zero.get("stage")}
+        where = f"the DeepSpeed config {path}"
+    else:
+        raw = {"gradient_accumulation_steps": env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"),
+               "max_grad_norm": env.get("ACCELERATE_GRADIENT_CLIPPING"),
+               "zero_stage": env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")}
+        where = "the accelerate config (deepspeed_config)"
+    raw["zero3_init"] = env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true"
+    out = {k: v for k, v in raw.items() if v is not None and str(v).lower() not in ("auto", "none")}
+    for k in ("gradient_accumulation_steps", "train_batch_size", "zero_stage"):
+        if k in out:
+            out[k] = int(out[k])
+    if "max_grad_norm" in out:
+        out["max_grad_norm"] = float(out["max_grad_norm"])
+    return where, out
+
+
+def apply_deepspeed_settings(c) -> None:
+    """The settings of an accelerate DeepSpeed config become fewstep's (DeepSpeed's engine applies them:
+    it steps after the config's number of micro-batches, clips at its gradient_clipping); one given
+    differently on the command line, or one fewstep cannot honour, is refused."""
+    where, ds = launcher_deepspeed()
+    if ds.get("zero3_init"):
+        raise ConfigError(f"{where}: zero3_init_flag true; fewstep builds its networks whole in every process (the "
+                          "frozen teacher and text encoders too, which no DeepSpeed engine would gather) and the "
+                          "engine partitions the trained one: set zero3_init_flag: false")
+    if ds.get("zero_stage", 0) not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: ZeRO stage {ds['zero_stage']} does not exist (0-3)")
+    for dtype in ("fp16", "bf16"):
+        on = str(ds.get(dtype, "")).lower()
+        if on in ("true", "false") and (on == "true") != (c.mixed_precision == dtype):
+            raise ConfigError(f"{where} turns {dtype} {'on' if on == 'true' else 'off'}, and --mixed_precision is "
+                              f"{c.mixed_precision}: set {dtype}.enabled to \"auto\" (fewstep's --mixed_precision "
+                              "decides) or make them agree")
+    default = TrainConfig()
+    for key in ("gradient_accumulation_steps", "max_grad_norm", "train_batch_size"):
+        if key not in ds:
+            continue
+        given, value = getattr(c, key), ds[key]
+        if given != getattr(default, key) and given != value:
+            raise ConfigError(f"--{key} {given!r} contradicts {where}, which gives {value!r} (DeepSpeed's engine "
+                              "applies its own): drop one of them, or set it to \"auto\" there")
+        setattr(c, key, value)
 
 
 TrainConfig.validate = validate_train  # type: ignore[attr-defined]

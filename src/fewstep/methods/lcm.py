@@ -45,7 +45,7 @@ from ..models.lora import (
     attach_lora,
     save_lora,
 )
-from ..training.ema import ema_update
+from ..training.ema import ema_lerp, ema_update
 from .base import Group, Method, StepOutput, register
 
 
@@ -270,8 +270,7 @@ class LCM(Method):
             ema_update(self.target, self.accelerator.unwrap_model(self.student), self.mcfg.mu)
         elif self.ema_pairs is not None:
             ema, online = zip(*self.ema_pairs)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema), [p.detach() for p in online], 1.0 - self.mcfg.mu)
+            ema_lerp(list(ema), list(online), self.mcfg.mu)
 
     # ---- sampling and export -------------------------------------------------------------
     def scheduler(self):

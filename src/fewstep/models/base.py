@@ -118,9 +118,9 @@ def free_disk_bytes(path: str) -> int:
 
 
 def net_config(net) -> dict:
-    """The diffusers config of a denoiser, through accelerate's DDP wrapper (``.module``); {} for modules
-    that have none (a fake-score wrapper)."""
-    for m in (net, getattr(net, "module", None)):
+    """The diffusers config of a denoiser, through accelerate's DDP wrapper or DeepSpeed engine (``.module``;
+    the engine's own ``config`` is DeepSpeed's); {} for modules that have none (a fake-score wrapper)."""
+    for m in (getattr(net, "module", None), net):
         cfg = getattr(m, "config", None)
         if cfg is not None:
             return cfg

@@ -117,10 +117,15 @@ def save_lora(net, out_dir: Path, bundle, base_model: str, adapter: str = "defau
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_sd = lora_state_dict(net, adapter)
     cfg = net.peft_config[adapter]
+    meta = cfg.to_dict()
+    if isinstance(meta.get("target_modules"), (set, frozenset)):
+        # (a set's order follows the process's string hashing: the same adapter would be written with
+        # different bytes by each process, e.g. a run's export and `fewstep export --from_checkpoint`)
+        meta["target_modules"] = sorted(meta["target_modules"])
     # PEFT key names under the denoiser's prefix: the format diffusers' own loaders write and read today
     # (its older "lora.down/up" naming loses the attention layers when loaded back).
     bundle.pipeline_cls.save_lora_weights(out_dir, safe_serialization=True,
-                                          **bundle.lora_save_kwargs(peft_sd, cfg.to_dict()))
+                                          **bundle.lora_save_kwargs(peft_sd, meta))
     for name, layout in bundle.lora_layouts(peft_sd, cfg.lora_alpha).items():  # kohya, DiffSynth, ...
         save_file(layout, str(out_dir / name))
     (out_dir / META_FILE).write_text(json.dumps(

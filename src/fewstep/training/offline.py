@@ -5,7 +5,8 @@ The checkpoint is verified against its manifest, the run's settings are read fro
 ``fewstep_state.json``), the method is built as the run built it (the teacher folder must still be
 there; nothing is trained, no data is read), the networks get the checkpoint's weights — from the
 sharded state of an --fsdp run (``torch.distributed.checkpoint`` reads every rank's file and joins the
-shards: no process group, any number of processes wrote it), or from accelerate's model files — and the
+shards: no process group, any number of processes wrote it), from a DeepSpeed run's ZeRO partitions (its
+fp32 master weights, joined by DeepSpeed's own reader: training/zero.py), or from accelerate's model files — and the
 method's own export writes the folder, atomically, with its model card and ``fewstep_config.yaml``.
 """
 
@@ -16,6 +17,7 @@ import logging
 from pathlib import Path
 
 from ..config import ConfigError
+from . import zero
 from .checkpoint import SHARDED_DIR, STATE_JSON, CheckpointError, read_state, verify_checkpoint
 
 log = logging.getLogger("fewstep")
@@ -71,6 +73,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
         dcp.load(sds, checkpoint_id=str(ckpt / SHARDED_DIR))  # (no process group: one reader joins the shards)
         for name, net in nets.items():
             net.load_state_dict(sds["networks"][name])
+    elif zero.checkpoint_tags(ckpt):  # written by a DeepSpeed engine: its fp32 master weights, joined
+        for i, (name, net) in enumerate(nets.items()):
+            net.load_state_dict(zero.consolidated(ckpt, i, name))
     else:
         from safetensors.torch import load_file
 

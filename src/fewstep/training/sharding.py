@@ -454,24 +454,6 @@ class Sharding:
                 del sub.state_dict
 
 
-@contextlib.contextmanager
-def zero3_gathered(modules):
-    """DeepSpeed ZeRO-3 (an accelerate DeepSpeed config, not --fsdp): inside the block every rank holds the
-    full fp32 parameters of ``modules`` (a collective every rank runs), so the main process's export reads
-    what a DDP run would. Not run in fewstep's tests (no deepspeed, no GPU: docs/SHARDING.md)."""
-    import deepspeed
-
-    params = [p for m in modules for p in m.parameters()]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-def zero_stage(acc) -> int | None:
-    """The ZeRO stage of an accelerate DeepSpeed run, else None."""
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    return getattr(plugin, "zero_stage", None) if plugin is not None else None
-
-
 def _full_view(full: dict[str, torch.Tensor], prefix: str):
     from collections import OrderedDict
 

@@ -23,6 +23,7 @@ from ..data import build_dataset, collate
 from ..export import write_model_card
 from ..logs import quiet_libraries
 from ..models.bundle import weight_dtype_of  # noqa: F401  (re-exported)
+from . import zero
 from .checkpoint import (
     TRAINER_RESUME_KEYS,
     CheckpointError,
@@ -40,7 +41,7 @@ from .checkpoint import (
 )
 from .preflight import apply_text_length, check_run, check_teacher, wandb_reachable
 from .seeding import global_position, relayout, reseed
-from .sharding import BuildProxy, Sharding, build_device, plain, rng_mode, zero3_gathered, zero_stage
+from .sharding import BuildProxy, Sharding, build_device, plain, rng_mode
 from .speed import speed_setup
 
 log = logging.getLogger("fewstep")
@@ -238,10 +239,12 @@ def build_accelerator(cfg, out: Path):
     from accelerate.utils import DistributedDataParallelKwargs
 
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.find_unused_parameters else []
+    handlers += zero.process_group_kwargs()
     acc = Accelerator(
         # On a machine without CUDA, cpu=True lets several processes started by torchrun form a gloo
-        # process group (MULTI_CPU); without it each would run alone and all would write OUT.
-        cpu=not torch.cuda.is_available(),
+        # process group (MULTI_CPU); without it each would run alone and all would write OUT. Not under
+        # DeepSpeed, which cpu=True would turn off (training/zero.py).
+        cpu=not torch.cuda.is_available() and not zero.launched(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=log_with,
@@ -257,6 +260,7 @@ def build_accelerator(cfg, out: Path):
         log.warning("an FSDP accelerate config was given; accelerate runs FSDP only on GPUs (%s here), so "
                     "fewstep shards the networks itself (--fsdp: training/sharding.py)%s",
                     acc.distributed_type.value, "" if cfg.fsdp else " — but --fsdp is off: whole model on every rank")
+    zero.configure(acc, cfg)
     return acc
 
 
@@ -324,6 +328,7 @@ class Trainer:
             set_seed(cfg.seed, device_specific=True)
         speed_setup(cfg, self.method, self.bundle, acc.device)
         groups = self.method.groups()
+        zero.check_groups(acc, groups)
         if cfg.enable_xformers_memory_efficient_attention:
             for g in groups.values():
                 if hasattr(g.module, "enable_xformers_memory_efficient_attention"):
@@ -375,6 +380,8 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
 
         k = len(self.names)
+        # (before the DeepSpeed engine casts them: what an export writes, training/zero.py)
+        self.built_dtypes = {n: zero.dtypes(groups[n].module) for n in self.names} if zero.stage(acc) else {}
         if self.sharding is None:
             prepared = acc.prepare(*[groups[n].module for n in self.names],
                                    *[self.opts[n] for n in self.names], *[self.scheds[n] for n in self.names])
@@ -674,8 +681,9 @@ class Trainer:
         gather = contextlib.nullcontext()
         if self.sharding is not None and st.good_steps:
             gather = self.sharding.full_weights(acc.is_main_process)
-        elif zero_stage(acc) == 3 and st.good_steps:  # parameters partitioned by DeepSpeed: gather them
-            gather = zero3_gathered([g.module for g in self.method.groups().values()])
+        elif zero.stage(acc) and st.good_steps:  # DeepSpeed's fp32 master weights, gathered (ZeRO-3)
+            gather = zero.full_weights([(acc.unwrap_model(self.modules[n]), self.built_dtypes[n])
+                                        for n in self.names])
         with gather:
             return self._export_main() if acc.is_main_process else None
 
@@ -780,7 +788,7 @@ class Trainer:
             with acc.accumulate(module):
                 # Every network the method runs (frozen teacher and target included) under the mixed-
                 # precision autocast, as the trainable ones already are through accelerate's wrapper.
-                with acc.autocast():
+                with acc.autocast(), zero.autocast(acc):
                     out = self.method.loss(phase, batch, st.step)
                 loss_bad = loss_bad + (~torch.isfinite(out.loss.detach().float())).any().float()
                 for k, v in out.logs.items():
@@ -889,8 +897,10 @@ class Trainer:
     @torch.no_grad()
     def validate(self):
         """Student samples at each validation step count on fixed prompts and seeds → PNG + tracker. Under
-        --fsdp every rank samples (each forward gathers the shards: a collective), the main one writes."""
-        if not self.acc.is_main_process and self.sharding is None:
+        --fsdp and ZeRO-3 every rank samples (each forward gathers the shards: a collective), the main one
+        writes."""
+        every_rank = self.sharding is not None or zero.stage(self.acc) == 3  # (forwards gather: collectives)
+        if not self.acc.is_main_process and not every_rank:
             self.acc.wait_for_everyone()
             return
         cfg = self.cfg
@@ -903,7 +913,7 @@ class Trainer:
                      "%s clamped into that range)", steps, "–".join(map(str, sorted(set(self.method.trained_steps())))),
                      cfg.validation_inference_steps)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):  # validation never shifts the training RNG
+        with torch.random.fork_rng(devices=devices), zero.autocast(self.acc):  # (never shifts the training RNG)
             rows = [self.method.sample(prompts, seeds, n, cfg.validation_guidance_scale) for n in steps]
         if not self.acc.is_main_process:
             self.acc.wait_for_everyone()

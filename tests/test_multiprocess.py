@@ -18,9 +18,10 @@ def _torchrun(args, timeout=300):
 
 
 # Slow tier: inside the whole default suite this launch has hung at its very end (the export written and
-# "student saved" printed, one rank exited, the other never returned) — 1 of 3 suite runs here, 1 of 52
-# launches alone under CPU load, never with a stack captured. One cause was found and fixed (two jobs on
-# the default rendezvous port: conftest.free_port); the shutdown hang is open (docs/RELIABILITY.md).
+# "student saved" printed, one rank gone, the other never returning) — 1 of 3 suite runs here, 1 of 52
+# launches alone under CPU load. Causes found: two jobs on the default rendezvous port (fixed:
+# conftest.free_port), and a gloo teardown deadlock (fixed from its captured stack: Trainer.release).
+# Too rare to show the fix by repetition here (docs/RELIABILITY.md).
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, caption_folder, tmp_path):
     out = tmp_path / "ddp"

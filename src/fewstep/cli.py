@@ -120,7 +120,10 @@ def cmd_distill(argv: list[str]) -> int:
     from .training.trainer import Trainer
 
     trainer = Trainer(spec)
-    out = trainer.train()
+    try:
+        out = trainer.train()
+    finally:
+        trainer.release()  # (the networks before the process group: a gloo teardown could hang otherwise)
     if trainer.stopped_by:  # stopped by SIGTERM / SIGINT after saving: 128 + N, as a shell reports it
         return 128 + trainer.stopped_by
     if out is not None:

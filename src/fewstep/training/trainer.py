@@ -292,6 +292,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.acc = acc = build_accelerator(cfg, self.out)
+        # The process group, held here so that it outlives the run's DDP wrappers (see release()).
+        self._world = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         quiet_libraries()  # accelerate logs ~8 INFO lines per checkpoint; fewstep writes one
@@ -660,6 +662,25 @@ class Trainer:
             raise CheckpointError("the export failed on the main process (see its message)")
         acc.end_training()
         return result
+
+    def release(self) -> None:
+        """Free the run's networks, then the process group. A DDP wrapper's reducer holds the gloo process
+        group; freed last through it, the group's destructor joins its worker thread while holding the
+        GIL, and a worker still releasing the last all-reduce's tensors waits for the GIL: both processes'
+        work done, one of them never exits (stack captured: ~Reducer → ~ProcessGroupGloo → thread::join,
+        the worker in ~AsyncAllreduceWork → gil_scoped_acquire). Freed from Python, its last reference
+        drops without the GIL."""
+        import gc
+
+        world, self._world = self._world, None
+        for name in ("modules", "opts", "scheds", "loader", "method", "sharding"):
+            self.__dict__.pop(name, None)
+        self.acc._models.clear()
+        self.acc._optimizers.clear()
+        self.acc._schedulers.clear()
+        self.acc._dataloaders.clear()
+        gc.collect()
+        del world
 
     def _summary(self) -> None:
         st = self.state
